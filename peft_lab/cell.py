@@ -1,0 +1,58 @@
+"""One sweep cell in a fresh process: ``python -m peft_lab.cell <state.pkl> <idx> <overrides...>``.
+
+Started by ``peft_lab.sweep``; rebuilds the cell's config exactly as Hydra's own
+launchers do (``load_sweep_config`` + ``run_job``) and writes a small result file
+next to the state, so the parent learns the outcome even if logging failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    import cloudpickle
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobStatus, run_job, setup_globals
+    from omegaconf import open_dict
+
+    import peft_lab.config  # noqa: F401  (registers the cell_dir resolver)
+    from peft_lab.errors import UserError
+
+    state_path, idx, overrides = Path(argv[0]), int(argv[1]), argv[2:]
+    state = cloudpickle.loads(state_path.read_bytes())
+    Singleton.set_state(state["singleton_state"])
+    setup_globals()
+    hydra_context = state["hydra_context"]
+    sweep_config = hydra_context.config_loader.load_sweep_config(state["config"], overrides)
+    with open_dict(sweep_config.hydra.job) as job:
+        job.id = f"local_{idx}"
+        job.num = idx
+    ret = run_job(
+        hydra_context=hydra_context,
+        task_function=state["task_function"],
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+    result = {"status": "completed" if ret.status == JobStatus.COMPLETED else "failed"}
+    if ret.status != JobStatus.COMPLETED:
+        err = ret._return_value
+        if isinstance(err, UserError):
+            print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exception(type(err), err, err.__traceback__)
+        result["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
+    out = state_path.parent / f"cell_{idx}.result.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out)
+    return 0 if result["status"] == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,252 @@
+"""Data: a local folder, the Hub or synthetic text -> validated, tokenised splits.
+
+Column names, the task and metrics come from the dataset config; nothing here
+branches on a dataset's name. Every check raises a ``UserError`` that names the
+problem and the option that fixes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from peft_lab.errors import fail
+
+log = logging.getLogger(__name__)
+
+DATA_ROOT_ENV = "PEFT_LAB_DATA_ROOT"
+# file extension -> datasets builder (and its extra kwargs)
+FORMATS = {
+    "parquet": ("parquet", {}),
+    "csv": ("csv", {}),
+    "tsv": ("csv", {"delimiter": "\t"}),
+    "jsonl": ("json", {}),
+    "json": ("json", {}),
+    "txt": ("text", {}),
+}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_config(ds: Any) -> None:
+    """Checks that need no data: run before any heavy import."""
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(ds, key)
+        if value is not None and value <= 0:
+            raise fail(
+                f"dataset.{key}={value} is not a positive number of samples",
+                f"give a positive integer, or dataset.{key}=null to use the whole split",
+            )
+    if ds.task == "classification" and not ds.label_column:
+        raise fail(f"dataset '{ds.name}' is a classification task without a label column",
+                   "set dataset.label_column")
+    if ds.num_labels < 2 and ds.task == "classification":
+        raise fail(f"dataset.num_labels={ds.num_labels}", "a classifier needs num_labels >= 2")
+    if ds.source in ("auto", "local"):
+        folder = local_dir(ds)
+        if folder is not None:
+            for split in (ds.train_split, ds.eval_split):
+                split_file(folder, split)
+        elif ds.source == "local":
+            raise fail(f"dataset.source=local but no folder is given for '{ds.name}'",
+                       f"set dataset.data_dir=<folder> or {DATA_ROOT_ENV}=<root>/{ds.name}")
+
+
+def local_dir(ds: Any) -> Optional[Path]:
+    """dataset.data_dir, else $PEFT_LAB_DATA_ROOT/<name>[/<hub_config>], else None."""
+    if ds.data_dir:
+        folder = Path(ds.data_dir).expanduser()
+        if not folder.is_dir():
+            raise fail(f"dataset.data_dir '{folder}' does not exist or is not a folder",
+                       "point dataset.data_dir at a folder holding {split}.parquet (or .csv/.tsv/.jsonl/.txt) files")
+        _check_not_empty(folder, "dataset.data_dir")
+        return folder
+    root = os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        return None
+    folder = Path(root).expanduser() / ds.name
+    if ds.hub_config and (folder / ds.hub_config).is_dir():
+        folder = folder / ds.hub_config
+    if not folder.is_dir():
+        return None
+    _check_not_empty(folder, f"{DATA_ROOT_ENV}/{ds.name}")
+    return folder
+
+
+def _check_not_empty(folder: Path, what: str) -> None:
+    if not any(p.suffix.lstrip(".") in FORMATS for p in folder.iterdir() if p.is_file()):
+        raise fail(f"{what} '{folder}' holds no data files",
+                   "put {split}.parquet (or .csv/.tsv/.jsonl/.txt) files in it, e.g. with python -m peft_lab.prefetch")
+
+
+def split_file(folder: Path, split: str) -> Path:
+    for ext in FORMATS:
+        path = folder / f"{split}.{ext}"
+        if path.is_file():
+            return path
+    present = sorted(p.stem for p in folder.iterdir() if p.suffix.lstrip(".") in FORMATS)
+    raise fail(
+        f"split '{split}' not found in '{folder}' (expected {split}.parquet/.csv/.tsv/.jsonl/.txt; found {present})",
+        "add the file, or set dataset.train_split / dataset.eval_split to a split that exists",
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_raw(ds: Any, split: str):
+    """The split as a ``datasets.Dataset`` in the Hub's column layout, plus where it came from."""
+    if ds.source == "synthetic":
+        return synthetic(ds, split), "synthetic"
+    folder = local_dir(ds) if ds.source in ("auto", "local") else None
+    if folder is not None:
+        return _load_file(split_file(folder, split)), f"local:{folder}"
+    return _load_hub(ds, split), f"hub:{ds.hub_path}" + (f"/{ds.hub_config}" if ds.hub_config else "")
+
+
+def _load_file(path: Path):
+    from datasets import load_dataset
+
+    builder, kwargs = FORMATS[path.suffix.lstrip(".")]
+    try:
+        return load_dataset(builder, data_files={"split": str(path)}, split="split", **kwargs)
+    except Exception as err:  # pyarrow / pandas / json errors differ by format
+        raise fail(f"could not read '{path}' as {path.suffix.lstrip('.')}: {type(err).__name__}: {err}",
+                   "check that the file is complete and in the format its extension says") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the Hub host does not answer within `timeout` s."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(ds: Any, split: str):
+    if not hub_reachable():
+        raise fail(
+            f"dataset '{ds.name}' has no local copy and the Hugging Face Hub is unreachable (offline)",
+            f"set dataset.data_dir=<folder with {ds.train_split}.parquet and {ds.eval_split}.parquet> "
+            f"or {DATA_ROOT_ENV}=<root with one folder per dataset>; make the folder on a machine "
+            f"with internet with: python -m peft_lab.prefetch dataset={ds.name} out=<root>",
+        )
+    from datasets import load_dataset
+
+    return load_dataset(ds.hub_path, ds.hub_config, split=split)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_rows(ds: Any, data: Any, split: str, where: str):
+    """Check columns and labels, drop empty texts; return the filtered dataset."""
+    columns = list(data.column_names)
+    if ds.text_column not in columns:
+        raise fail(f"split '{split}' ({where}) has no text column '{ds.text_column}' (columns: {columns})",
+                   "set dataset.text_column to the column holding the text")
+    if ds.task == "classification":
+        if ds.label_column not in columns:
+            raise fail(f"split '{split}' ({where}) has no label column '{ds.label_column}' (columns: {columns})",
+                       "set dataset.label_column to the column holding integer labels")
+        labels = data[ds.label_column]
+        bad = sorted({lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < ds.num_labels},
+                     key=str)
+        if bad:
+            raise fail(
+                f"split '{split}' ({where}) has labels {bad[:5]} outside 0..{ds.num_labels - 1}"
+                + (" (-1 marks unlabelled rows, as in GLUE's test split)" if -1 in bad else ""),
+                "use a labelled split (dataset.eval_split), map labels to 0..num_labels-1, or set dataset.num_labels",
+            )
+    texts = data[ds.text_column]
+    keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    if not keep:
+        raise fail(f"split '{split}' ({where}) is empty after dropping empty texts ({len(texts)} rows read)",
+                   "point the dataset at a file with non-empty text rows")
+    return data.select(keep) if len(keep) < len(texts) else data
+
+
+def subset(items: list, n: Optional[int], seed: int) -> list:
+    """A seeded shuffled subset of n items (all of them, in order, when n is None)."""
+    if n is None or n >= len(items):
+        return items
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:n])]
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+def load_validated(ds: Any, split: str):
+    """Load one split and run every data check; returns (dataset, where it came from)."""
+    data, where = load_raw(ds, split)
+    return validate_rows(ds, data, split, where), where
+
+
+def tokenize(ds: Any, tokenizer: Any, data: Any, max_samples: Optional[int]) -> list[dict]:
+    """Classification: one example per row. LM: blocks of block_size tokens (subset taken over blocks)."""
+    texts = list(data[ds.text_column])
+    if ds.task == "classification":
+        labels = list(data[ds.label_column])
+        pairs = subset(list(zip(texts, labels)), max_samples, ds.subset_seed)
+        enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=ds.max_length)
+        return [{"input_ids": ids, "labels": lab} for ids, (_, lab) in zip(enc["input_ids"], pairs)]
+    examples = lm_blocks(tokenizer, texts, ds.block_size)
+    if not examples:
+        raise fail(f"the {ds.name} text has fewer than block_size={ds.block_size} tokens",
+                   "lower dataset.block_size or give more text")
+    return subset(examples, max_samples, ds.subset_seed)
+
+
+def lm_blocks(tokenizer: Any, texts: list[str], block_size: int) -> list[dict]:
+    """Concatenate the token streams of all rows and cut non-overlapping blocks (remainder dropped)."""
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+    n = len(stream) // block_size
+    return [{"input_ids": stream[i * block_size : (i + 1) * block_size]} for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+_POS = "good great excellent wonderful moving superb delightful fun charming brilliant".split()
+_NEG = "bad awful boring dull terrible weak poor tedious clumsy bland".split()
+_FILL = "the film movie story was plot acting and a really quite very this it is with of".split()
+_LM = [
+    "the cat sat on the mat .", "a dog ran in the park .", "the sun rose over the hills .",
+    "she read a book by the window .", "rain fell on the quiet town .", "he wrote a letter to his friend .",
+]
+
+
+def synthetic(ds: Any, split: str):
+    """Learnable toy data in the dataset's own column layout (made in-process, no files)."""
+    from datasets import Dataset
+
+    train = split == ds.train_split
+    n = ds.synthetic_train_size if train else ds.synthetic_eval_size
+    rng = random.Random(f"{ds.name}/{split}/{ds.subset_seed}")
+    if ds.task == "classification":
+        long = ds.max_length > 128
+        rows = {ds.text_column: [], ds.label_column: []}
+        for _ in range(n):
+            label = rng.randrange(ds.num_labels)
+            words = rng.choices(_FILL, k=rng.randint(20, 60) if long else rng.randint(3, 8))
+            for _ in range(rng.randint(1, 2)):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(_POS if label % 2 else _NEG))
+            rows[ds.text_column].append(" ".join(words))
+            rows[ds.label_column].append(label)
+        return Dataset.from_dict(rows)
+    lines = [" ".join(rng.choice(_LM) for _ in range(rng.randint(2, 5))) + "\n" for _ in range(n)]
+    return Dataset.from_dict({ds.text_column: lines})

@@ -1,0 +1,99 @@
+"""What every method provides to the training loop.
+
+A method is built from its config, the model config and the effective task
+(classification, causal_lm or masked_lm). Start-up checks run in ``validate``
+before any data or weights are loaded, so impossible combinations fail at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft_lab.errors import fail
+
+# PEFT task types by our task names; masked LM has none (a plain PeftModel).
+PEFT_TASK_TYPE = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "masked_lm": None}
+
+
+class Method:
+    name = "base"
+
+    def __init__(self, cfg: Any, model_cfg: Any, task: str) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.task = task
+
+    # -- start-up -----------------------------------------------------------
+    def validate(self) -> None:
+        self.target_modules()
+
+    def target_modules(self) -> list[str]:
+        """Method override, else the model's per-method list, else its default list."""
+        targets = self.cfg.target_modules
+        if targets is None:
+            targets = self.model_cfg.method_target_modules.get(self.name)
+        if targets is None:
+            targets = self.model_cfg.target_modules
+        targets = list(targets or [])
+        if not targets:
+            raise fail(
+                f"method '{self.name}' has no target modules for model '{self.model_cfg.name}'",
+                "list the linear layers to adapt, e.g. model.target_modules=[q_proj,v_proj] "
+                f"or method.target_modules=[...]",
+            )
+        return targets
+
+    def modules_to_save(self) -> list[str] | None:
+        """Task heads trained in full and saved with the adapter (classification)."""
+        if self.task == "classification":
+            return list(self.model_cfg.cls_head_modules) or None
+        return None
+
+    def peft_task_type(self) -> str | None:
+        return PEFT_TASK_TYPE[self.task]
+
+    # -- model --------------------------------------------------------------
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        """Extra ``from_pretrained`` kwargs (e.g. a quantisation config)."""
+        return {}
+
+    def adapt(self, model: Any) -> Any:
+        raise NotImplementedError
+
+    # -- training hooks -----------------------------------------------------
+    def extra_loss(self, model: Any) -> Any:
+        return None
+
+    def after_optimizer_step(self, model: Any, step: int, total_steps: int) -> None:
+        pass
+
+    def optimizer_class(self, device: str) -> tuple[Any, str]:
+        import torch
+
+        return torch.optim.AdamW, "adamw"
+
+    def metrics(self, model: Any) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that a resumed run needs (e.g. pruning masks)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def make_peft_model(model: Any, peft_config: Any) -> Any:
+    """``get_peft_model`` with PEFT's target errors turned into a user message."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "Target modules" in str(err):
+            raise fail(
+                f"target modules {sorted(peft_config.target_modules)} not found in the model ({err})",
+                "set model.target_modules (or method.target_modules) to linear layer names "
+                "that exist in this architecture",
+            ) from None
+        raise

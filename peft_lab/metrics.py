@@ -1,0 +1,105 @@
+"""What a run measures about itself: parameters, memory, sizes, versions; metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "hydra-core",
+            "omegaconf", "wandb"]
+
+
+def count_parameters(model: Any) -> dict[str, Any]:
+    """Parameter counts found by walking modules: adapter layers and saved heads by type, not by name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    total = trainable = 0
+    for p in model.parameters():
+        n = _numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    adapter = head = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                for sub in getattr(module, layer_name).values():
+                    params = sub.parameters() if hasattr(sub, "parameters") else [sub]
+                    adapter += sum(_numel(p) for p in params if p.requires_grad)
+        elif isinstance(module, ModulesToSaveWrapper):
+            head += sum(_numel(p) for p in module.modules_to_save.parameters() if p.requires_grad)
+    # A saved head sits twice in the adapted model (frozen original + trainable copy that replaces it).
+    base_total = total - head - adapter
+    return {
+        "total_params": base_total + adapter,
+        "base_params": base_total,
+        "trainable_params": trainable,
+        "adapter_params": adapter,
+        "head_params": head,
+        "trainable_pct": 100.0 * trainable / max(1, base_total + adapter),
+    }
+
+
+def _numel(p: Any) -> int:
+    """True element count, also for bitsandbytes 4-bit weights (stored packed, two per byte)."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return p.numel()
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> dict[str, Any]:
+    """CUDA peak allocated since the reset (one per run), or this process's peak RSS on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": int(rss_kib) * 1024, "peak_memory_kind": "process_peak_rss"}
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    versions["python"] = platform.python_version()
+    return {"versions": versions, "git_commit": git_commit(), "host": platform.node()}
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write then rename, so a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,258 @@
+"""The training loop, evaluation and checkpoint/resume.
+
+A plain PyTorch loop rather than the HF Trainer: the methods need hooks after
+every optimizer step (sparsity masks), the checkpoint must hold the exact data
+position for resume, and the loop must cost no more than a hand-written one
+(the benchmark compares them). See README, "Design notes".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoint"
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(examples: list[dict], task: str, tokenizer: Any, generator: Optional[torch.Generator] = None) -> dict:
+    """Right-pad a batch; LM labels are -100 on padding (pad == eos on SmolLM2) and on unmasked MLM tokens."""
+    pad_id = tokenizer.pad_token_id
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, e in enumerate(examples):
+        ids = torch.tensor(e["input_ids"], dtype=torch.long)
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if task == "classification":
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+    elif task == "causal_lm":
+        batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+    else:
+        batch["input_ids"], batch["labels"] = _mask_tokens(input_ids, attention_mask, tokenizer, generator)
+    return batch
+
+
+def _mask_tokens(input_ids, attention_mask, tokenizer, generator, prob: float = 0.15):
+    """BERT masking: 15 % of real tokens predicted; of those 80 % [MASK], 10 % random, 10 % kept."""
+    labels = input_ids.clone()
+    chosen = (torch.rand(input_ids.shape, generator=generator) < prob) & (attention_mask == 1)
+    labels[~chosen] = -100
+    roll = torch.rand(input_ids.shape, generator=generator)
+    inputs = input_ids.clone()
+    inputs[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[rand_pos] = torch.randint(len(tokenizer), input_ids.shape, generator=generator)[rand_pos]
+    return inputs, labels
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[dict], task: str, tokenizer: Any, batch_size: int, device: str,
+             autocast: Any) -> dict[str, float]:
+    """Accuracy / macro-F1 for classification; token-level NLL and perplexity for LM."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)  # the same MLM masks in every evaluation
+    preds, golds, nll, count = [], [], 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = _to(collate(examples[i : i + batch_size], task, tokenizer, generator), device)
+        labels = batch.pop("labels")
+        with autocast():
+            logits = model(**batch).logits.float()
+        if task == "classification":
+            preds += logits.argmax(-1).tolist()
+            golds += labels.tolist()
+            continue
+        if task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                               reduction="sum").item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    if task == "classification":
+        return classification_metrics(preds, golds)
+    mean = nll / max(1, count)
+    name = "perplexity" if task == "causal_lm" else "mlm_perplexity"
+    return {"eval_loss": mean, name: math.exp(min(mean, 700.0)), "eval_tokens": count}
+
+
+def classification_metrics(preds: list[int], golds: list[int]) -> dict[str, float]:
+    accuracy = sum(p == g for p, g in zip(preds, golds)) / max(1, len(golds))
+    f1s = []
+    for c in sorted(set(golds) | set(preds)):
+        tp = sum(p == c and g == c for p, g in zip(preds, golds))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds))
+        f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / max(1, len(f1s)), "eval_samples": len(golds)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    wall_s: float
+    samples: int
+    tokens: int
+    final_loss: Optional[float]
+    resumed_from: int
+    history: list[dict]
+
+
+def train(model: Any, method: Any, examples: list[dict], *, cfg: Any, task: str, tokenizer: Any, device: str,
+          autocast: Any, run_dir: Path, on_log: Callable[[dict, int], None],
+          on_eval: Callable[[int], None]) -> TrainResult:
+    tc = cfg.train
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt_cls, opt_name = method.optimizer_class(device)
+    optimizer = opt_cls(trainable, lr=cfg.method.lr, weight_decay=tc.weight_decay)
+    micro_per_epoch = math.ceil(len(examples) / tc.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
+    total = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=round(tc.warmup_ratio * total),
+                              num_training_steps=total)
+    pos = {"step": 0, "epoch": 0, "micro": 0}
+    ckpt = run_dir / CKPT_DIR
+    if tc.resume and (ckpt / "state.json").exists():
+        pos = load_checkpoint(ckpt, model, optimizer, scheduler, method)
+        log.info(f"Resumed from step {pos['step']} (epoch {pos['epoch']}, batch {pos['micro']}) of {total}")
+    resumed_from = pos["step"]
+    log.info(f"Training {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size} x {tc.grad_accum}), "
+             f"optimizer {opt_name}, lr {cfg.method.lr}")
+
+    model.train()
+    mlm_gen = torch.Generator().manual_seed(cfg.seed)
+    history, samples, tokens, wall, loss_acc, last_loss = [], 0, 0, 0.0, 0.0, None
+    window_t, window_samples = time.perf_counter(), 0
+    while pos["step"] < total:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + pos["epoch"]))
+        micros = [order[i : i + tc.batch_size].tolist() for i in range(0, len(examples), tc.batch_size)]
+        while pos["micro"] < len(micros) and pos["step"] < total:
+            t0 = time.perf_counter()
+            group = micros[pos["micro"] : pos["micro"] + tc.grad_accum]
+            loss_acc = 0.0
+            for idx in group:
+                batch = _to(collate([examples[i] for i in idx], task, tokenizer, mlm_gen), device)
+                with autocast():
+                    loss = model(**batch).loss
+                    extra = method.extra_loss(model)
+                    if extra is not None:
+                        loss = loss + extra
+                (loss / len(group)).backward()
+                loss_acc += loss.item() / len(group)
+                samples += len(idx)
+                tokens += int(batch["attention_mask"].sum())
+                window_samples += len(idx)
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos["step"] += 1
+            pos["micro"] += len(group)
+            method.after_optimizer_step(model, pos["step"], total)
+            wall += time.perf_counter() - t0
+            last_loss = loss_acc
+            if pos["step"] % max(1, tc.log_every) == 0 or pos["step"] == total:
+                now = time.perf_counter()
+                rate = window_samples / max(1e-9, now - window_t)
+                window_t, window_samples = now, 0
+                entry = {"step": pos["step"], "loss": loss_acc, "lr": scheduler.get_last_lr()[0],
+                         "samples_per_s": rate}
+                history.append(entry)
+                eta = (total - pos["step"]) * wall / max(1, pos["step"] - resumed_from)
+                log.info(f"step {pos['step']}/{total}  loss {loss_acc:.4f}  lr {entry['lr']:.2e}  "
+                         f"{rate:.1f} samples/s  eta {eta:.0f}s")
+                on_log(entry, pos["step"])
+            if tc.eval_every > 0 and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
+                on_eval(pos["step"])
+            if tc.checkpoint_every > 0 and pos["step"] % tc.checkpoint_every == 0 and pos["step"] < total:
+                save_checkpoint(ckpt, model, optimizer, scheduler, method, pos)
+        if pos["micro"] >= len(micros):
+            pos["epoch"] += 1
+            pos["micro"] = 0
+    save_checkpoint(ckpt, model, optimizer, scheduler, method, pos)
+    return TrainResult(steps=pos["step"], total_steps=total, wall_s=wall, samples=samples, tokens=tokens,
+                       final_loss=last_loss, resumed_from=resumed_from, history=history)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, pos: dict) -> None:
+    """Trainable weights, optimizer, scheduler, RNG, method state and data position, swapped in atomically."""
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(trainable, tmp / "trainable.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "method": method.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps(pos))
+    old = ckpt.with_name(f".{ckpt.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any) -> dict:
+    trainable = torch.load(ckpt / "trainable.pt", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = [n for n in trainable if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt} does not match this model (e.g. {missing[:2]}); "
+                           "delete it to start again")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state["method"])
+    _set_rng_state(state["rng"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
