@@ -67,6 +67,11 @@ def check_config(model_cfg: Any) -> None:
     if model_cfg.path and not Path(model_cfg.path).expanduser().exists():
         raise fail(f"model.path '{model_cfg.path}' does not exist",
                    "point model.path at a folder saved with save_pretrained (or python -m peft_lab.prefetch)")
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(model_cfg) and OmegaConf.is_missing(model_cfg, "name_or_path"):
+        raise fail(f"model '{model_cfg.name}' needs model.name_or_path", "give a Hub id or a local folder, "
+                   "e.g. model.name_or_path=HuggingFaceTB/SmolLM2-360M")
     nop = model_cfg.name_or_path or ""
     if not model_cfg.path and nop.startswith(("/", "./", "../", "~")) and not Path(nop).expanduser().exists():
         raise fail(f"model.name_or_path '{nop}' looks like a local path but does not exist",

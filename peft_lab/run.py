@@ -43,10 +43,12 @@ def main(cfg: DictConfig) -> float | None:
         "overrides": list(hc.overrides.task),
         "run_dir": str(run_dir),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pid": os.getpid(),
     }
+    t0 = time.perf_counter()
     write_json_atomic(run_dir / METRICS_FILE, record)
     try:
-        return run_cell(cfg, run_dir, record, group)
+        return run_cell(cfg, run_dir, record, group, t0)
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         write_json_atomic(run_dir / METRICS_FILE, record)
@@ -57,7 +59,7 @@ def main(cfg: DictConfig) -> float | None:
         raise
 
 
-def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str) -> float | None:
+def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float) -> float | None:
     ds, mc = cfg.dataset, cfg.model
     # --- start-up checks: no heavy imports yet
     data_mod.check_config(ds)
@@ -67,13 +69,17 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str) -> float 
     method.validate()
     record["task"] = task
 
+    # --- data next (validated before torch and the model load: bad data fails in a second or two)
+    raw_train, train_src = data_mod.load_validated(ds, ds.train_split)
+    raw_eval, eval_src = data_mod.load_validated(ds, ds.eval_split)
+
     threads = cfg.train.threads or int(os.environ.get("PEFT_LAB_THREADS", 0)) or (os.cpu_count() or 1)
     import torch
 
     torch.set_num_threads(threads)
     from transformers import set_seed
 
-    from peft_lab import metrics, training, tracking
+    from peft_lab import metrics, tracking, training
 
     set_seed(cfg.seed)
     device = _device(cfg.train.device)
@@ -81,12 +87,9 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str) -> float 
     metrics.reset_peak_memory(device)
     record.update(device=device, torch_threads=threads, precision=str(dtype).replace("torch.", ""))
 
-    # --- data (validated before the model is loaded: bad data fails fast)
-    raw_train, train_src = data_mod.load_validated(ds, ds.train_split)
-    raw_eval, eval_src = data_mod.load_validated(ds, ds.eval_split)
-
     # --- model + method
     loaded = models.load(mc, task, ds.num_labels, method.load_kwargs(device), dtype)
+    loaded.model = method.prepare_base(loaded.model)
     base_footprint = loaded.model.get_memory_footprint()
     model = method.adapt(loaded.model)
     if cfg.train.gradient_checkpointing:
@@ -108,7 +111,7 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str) -> float 
     try:
         def run_eval() -> dict:
             return training.evaluate(model, eval_ex, task, loaded.tokenizer, cfg.train.eval_batch_size, device,
-                                     autocast)
+                                     autocast, method)
 
         if cfg.train.eval_before:
             record["eval_before"] = run_eval()
@@ -136,11 +139,12 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str) -> float 
         )
         if cfg.train.save_adapter:
             adapter_dir = run_dir / "adapter"
-            model.save_pretrained(adapter_dir)
+            method.save_adapter(model, adapter_dir)
             record["adapter_dir"] = str(adapter_dir)
             record["adapter_bytes"] = metrics.dir_size(adapter_dir)
         record["status"] = "completed"
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        record["run_wall_s"] = time.perf_counter() - t0
         write_json_atomic(run_dir / METRICS_FILE, record)
         tracker.summary({k: v for k, v in record.items() if k not in ("overrides",)})
         failed = False

@@ -182,7 +182,7 @@ def summary_rows(cells: list[Cell]) -> list[dict]:
                 "status": c.status,
                 "metric": m.get("main_metric", ""),
                 "value": "" if value is None else f"{value:.4f}",
-                "time_s": f"{m.get('train_wall_s', c.wall_s) or c.wall_s:.1f}",
+                "time_s": f"{c.wall_s or m.get('run_wall_s') or 0.0:.1f}",
                 "log": str(c.log_path or ""),
             }
         )

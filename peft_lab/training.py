@@ -72,7 +72,7 @@ def _to(batch: dict, device: str) -> dict:
 
 @torch.no_grad()
 def evaluate(model: Any, examples: list[dict], task: str, tokenizer: Any, batch_size: int, device: str,
-             autocast: Any) -> dict[str, float]:
+             autocast: Any, method: Any = None) -> dict[str, float]:
     """Accuracy / macro-F1 for classification; token-level NLL and perplexity for LM."""
     was_training = model.training
     model.eval()
@@ -80,6 +80,8 @@ def evaluate(model: Any, examples: list[dict], task: str, tokenizer: Any, batch_
     preds, golds, nll, count = [], [], 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = _to(collate(examples[i : i + batch_size], task, tokenizer, generator), device)
+        if method is not None:
+            method.before_forward(batch, 0, 1, training=False)
         labels = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
@@ -162,6 +164,7 @@ def train(model: Any, method: Any, examples: list[dict], *, cfg: Any, task: str,
             loss_acc = 0.0
             for idx in group:
                 batch = _to(collate([examples[i] for i in idx], task, tokenizer, mlm_gen), device)
+                method.before_forward(batch, pos["step"], total, training=True)
                 with autocast():
                     loss = model(**batch).loss
                     extra = method.extra_loss(model)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 _NOT_METHODS = {"base"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _modules() -> dict[str, ModuleType]:
     found = {}
     for info in pkgutil.iter_modules(__path__):

@@ -39,7 +39,7 @@ class Method:
             raise fail(
                 f"method '{self.name}' has no target modules for model '{self.model_cfg.name}'",
                 "list the linear layers to adapt, e.g. model.target_modules=[q_proj,v_proj] "
-                f"or method.target_modules=[...]",
+                "or method.target_modules=[...]",
             )
         return targets
 
@@ -57,10 +57,17 @@ class Method:
         """Extra ``from_pretrained`` kwargs (e.g. a quantisation config)."""
         return {}
 
+    def prepare_base(self, model: Any) -> Any:
+        """Called on the freshly loaded base model, before anything runs through it."""
+        return model
+
     def adapt(self, model: Any) -> Any:
         raise NotImplementedError
 
     # -- training hooks -----------------------------------------------------
+    def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
+        """Called with each batch before the forward pass (training and evaluation)."""
+
     def extra_loss(self, model: Any) -> Any:
         return None
 
@@ -74,6 +81,15 @@ class Method:
 
     def metrics(self, model: Any) -> dict[str, Any]:
         return {}
+
+    def save_adapter(self, model: Any, folder: Any) -> None:
+        model.save_pretrained(folder)
+
+    def load_adapter(self, base_model: Any, folder: Any) -> Any:
+        """The inverse of ``save_adapter``: a PeftModel on ``base_model``."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.prepare_base(base_model), str(folder))
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that a resumed run needs (e.g. pruning masks)."""

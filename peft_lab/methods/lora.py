@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from peft_lab.config import MethodConfig
 from peft_lab.methods.base import Method as BaseMethod
 from peft_lab.methods.base import make_peft_model
+from peft_lab.schemas import MethodConfig
 
 NAME = "lora"
 

@@ -1,0 +1,138 @@
+"""Typed schemas for every config group (plain dataclasses; ``peft_lab.config`` registers them).
+
+Values live in ``conf/``; these only say which keys exist and what type each has,
+so a misspelt key or ``method.r=abc`` fails at composition with Hydra's message.
+Method-specific schemas live in each method's module and extend ``MethodConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class Task(str, Enum):
+    classification = "classification"
+    causal_lm = "causal_lm"
+    masked_lm = "masked_lm"
+
+
+class DataSource(str, Enum):
+    auto = "auto"  # data_dir, then $PEFT_LAB_DATA_ROOT/<name>, then the Hub
+    local = "local"  # a local folder only (data_dir or the env root)
+    hub = "hub"  # the Hugging Face Hub (or its cache) only
+    synthetic = "synthetic"  # generated in-process; for smoke runs and tests
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    task: Task = MISSING
+    hub_path: str = MISSING
+    hub_config: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_column: str = "text"
+    label_column: Optional[str] = "label"
+    num_labels: int = 2
+    metrics: List[str] = field(default_factory=lambda: ["accuracy"])
+    max_length: int = 128
+    block_size: int = 256
+    source: DataSource = DataSource.auto
+    data_dir: Optional[str] = None
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    subset_seed: int = 0
+    synthetic_train_size: int = 256
+    synthetic_eval_size: int = 64
+
+
+class ModelSource(str, Enum):
+    auto = "auto"  # path, then Hub cache / Hub, then the packaged copy
+    path = "path"
+    hub = "hub"
+    packaged = "packaged"
+    config = "config"  # random weights built from `config_kwargs` (tests, smoke)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: Optional[str] = None
+    path: Optional[str] = None
+    source: ModelSource = ModelSource.auto
+    packaged: Optional[str] = None
+    arch: Optional[str] = None
+    config_kwargs: Dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    tasks: List[Task] = field(default_factory=lambda: [Task.classification, Task.causal_lm])
+    target_modules: List[str] = field(default_factory=list)
+    method_target_modules: Dict[str, List[str]] = field(default_factory=dict)
+    cls_head_modules: List[str] = field(default_factory=list)
+    keep_unquantised: List[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has; each method module subclasses this."""
+
+    name: str = MISSING
+    lr: float = 2e-4
+    target_modules: Optional[List[str]] = None  # null: the model config's list
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # 0: evaluate once at the end
+    eval_before: bool = False  # also evaluate the untrained model
+    log_every: int = 10
+    checkpoint_every: int = 50  # 0: only at the end
+    resume: bool = True
+    save_adapter: bool = True
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"
+    threads: int = 0  # torch threads per job; 0: cores / parallel jobs
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    backend: str = "none"  # wandb | none
+    project: str = "peft_lab"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto | online | offline | disabled
+    log_every: int = 10
+    log_artifacts: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    parallel: int = 1  # local: cells run at once
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    experiment_name: str = "default"

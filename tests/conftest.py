@@ -1,0 +1,126 @@
+"""Shared fixtures: the real config tree, the CLI as a user runs it, and data files made here.
+
+No test downloads anything: HF_HUB_OFFLINE is set for every subprocess, models are
+built from a config and data is written by the tests (or read from
+../shared/data by path in the `realdata` tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SHARED_DATA = Path(os.environ.get("PEFT_LAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One model cache for the session, so the tiny models are built once."""
+    return tmp_path_factory.mktemp("peft_lab_cache")
+
+
+@pytest.fixture(scope="session")
+def cli_env(cache_dir) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PEFT_LAB_CACHE=str(cache_dir),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        PEFT_LAB_THREADS="1",
+    )
+    env.pop("PEFT_LAB_DATA_ROOT", None)
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+@pytest.fixture
+def run_cli(cli_env, tmp_path):
+    """Run `python train.py ...` as a user would; returns the CompletedProcess."""
+
+    def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+        full_env = dict(cli_env, **(env or {}))
+        return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.fixture
+def compose():
+    """Compose the real config tree in-process (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import peft_lab.config  # noqa: F401
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def write_parquet(folder: Path, split: str, rows: dict) -> Path:
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{split}.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def sentiment_rows(n: int, text_col: str = "sentence", label_col: str = "label") -> dict:
+    pos = ["a great and moving film", "wonderful acting , superb story", "fun and charming"]
+    neg = ["a dull , boring mess", "awful plot and weak acting", "tedious and bland"]
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        texts.append((pos if label else neg)[i % 3] + f" {i}")
+        labels.append(label)
+    return {text_col: texts, label_col: labels}
+
+
+@pytest.fixture
+def sst2_dir(tmp_path) -> Path:
+    """A small SST-2-layout folder: train.parquet and validation.parquet (sentence, label, idx)."""
+    folder = tmp_path / "sst2"
+    for split, n in (("train", 48), ("validation", 16)):
+        rows = sentiment_rows(n)
+        rows["idx"] = list(range(n))
+        write_parquet(folder, split, rows)
+    return folder
+
+
+TINY = ["model=tiny", "logger=none", "train.max_steps=3", "train.batch_size=8", "train.log_every=1",
+        "dataset.max_length=32", "dataset.block_size=32"]
+
+
+def build_model(cfg, device: str = "cpu"):
+    """Base model + method exactly as a run builds them: (peft model, method, tokenizer, task, base outputs fn)."""
+    import torch
+
+    from peft_lab import models
+    from peft_lab.methods import get_method_class
+
+    task = models.resolve_task(cfg.model, str(getattr(cfg.dataset.task, "value", cfg.dataset.task)))
+    method = get_method_class(cfg.method.name)(cfg.method, cfg.model, task)
+    method.validate()
+    loaded = models.load(cfg.model, task, cfg.dataset.num_labels, method.load_kwargs(device), torch.float32)
+    loaded.model = method.prepare_base(loaded.model)
+    return loaded, method, task

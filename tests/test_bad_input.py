@@ -1,0 +1,113 @@
+"""Bad input, as a user types it: a clear error naming problem and fix, non-zero exit, no completed run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, read_metrics, sentiment_rows, write_parquet
+
+# Hydra rejects these at composition, with its own message, before the task runs.
+COMPOSITION_CASES = {
+    "unknown_key": (["method.foo=1"], "Key 'foo' is not in struct"),
+    "misspelt_key": (["train.batchsize=4"], "Key 'batchsize' is not in struct"),
+    "wrong_type_int": (["method.r=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    "wrong_type_float": (["method.lr=fast"], "could not be converted to Float"),
+    "unknown_group_option": (["dataset=sst3"], "Could not find 'dataset/sst3'"),
+    "unknown_method": (["method=dora"], "Could not find 'method/dora'"),
+    "bad_enum": (["dataset.task=regression"], "Invalid value 'regression'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPOSITION_CASES))
+def test_composition_errors(case, run_cli, tmp_path):
+    args, expected = COMPOSITION_CASES[case]
+    run_dir = tmp_path / "run"
+    proc = run_cli(*TINY, *args, f"hydra.run.dir={run_dir}")
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr
+    assert not run_dir.exists(), "composition errors must not create a run dir"
+
+
+def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
+    """(overrides, expected message fragment) for data and model problems found by the task."""
+    d = tmp / name
+    if name == "data_dir_missing":
+        return [f"dataset.data_dir={tmp}/nope"], "does not exist"
+    if name == "data_dir_empty":
+        d.mkdir()
+        return [f"dataset.data_dir={d}"], "holds no data files"
+    if name == "split_missing":
+        write_parquet(d, "train", sentiment_rows(8))
+        return [f"dataset.data_dir={d}"], "split 'validation' not found"
+    if name == "text_column_missing":
+        for split in ("train", "validation"):
+            write_parquet(d, split, sentiment_rows(8, text_col="review"))
+        return [f"dataset.data_dir={d}"], "no text column 'sentence'"
+    if name == "label_column_missing":
+        for split in ("train", "validation"):
+            write_parquet(d, split, sentiment_rows(8, label_col="target"))
+        return [f"dataset.data_dir={d}"], "no label column 'label'"
+    if name == "labels_out_of_range":
+        rows = sentiment_rows(8)
+        rows["label"][3] = 5
+        write_parquet(d, "train", rows)
+        write_parquet(d, "validation", sentiment_rows(8))
+        return [f"dataset.data_dir={d}"], "labels [5] outside 0..1"
+    if name == "unlabelled_eval_split":
+        write_parquet(d, "train", sentiment_rows(8))
+        write_parquet(d, "test", {"sentence": ["a b"] * 4, "label": [-1] * 4})
+        return [f"dataset.data_dir={d}", "dataset.eval_split=test"], "unlabelled rows"
+    if name == "empty_after_filtering":
+        write_parquet(d, "train", {"sentence": ["", "  ", ""], "label": [0, 1, 0]})
+        write_parquet(d, "validation", sentiment_rows(8))
+        return [f"dataset.data_dir={d}"], "empty after dropping empty texts"
+    if name == "malformed_file":
+        d.mkdir()
+        (d / "train.parquet").write_bytes(b"this is not parquet")
+        write_parquet(d, "validation", sentiment_rows(8))
+        return [f"dataset.data_dir={d}"], "could not read"
+    if name == "max_train_samples_zero":
+        return [f"dataset.data_dir={sst2_dir}", "dataset.max_train_samples=0"], "max_train_samples=0"
+    if name == "max_train_samples_negative":
+        return [f"dataset.data_dir={sst2_dir}", "dataset.max_train_samples=-5"], "max_train_samples=-5"
+    if name == "model_path_missing":
+        return [f"dataset.data_dir={sst2_dir}", f"model.path={tmp}/no_model"], "model.path"
+    if name == "model_without_task_head":
+        return [f"dataset.data_dir={sst2_dir}", "model.tasks=[causal_lm]"], "no head for task 'classification'"
+    if name == "no_target_modules":
+        return [f"dataset.data_dir={sst2_dir}", "model.target_modules=[]"], "no target modules"
+    if name == "unknown_target_modules":
+        return [f"dataset.data_dir={sst2_dir}", "model.target_modules=[nope_proj]"], "not found in the model"
+    if name == "hub_offline_no_local_copy":
+        return [], "Hugging Face Hub is unreachable"
+    raise KeyError(name)
+
+
+DATA_CASES = [
+    "data_dir_missing", "data_dir_empty", "split_missing", "text_column_missing", "label_column_missing",
+    "labels_out_of_range", "unlabelled_eval_split", "empty_after_filtering", "malformed_file",
+    "max_train_samples_zero", "max_train_samples_negative", "model_path_missing", "model_without_task_head",
+    "no_target_modules", "unknown_target_modules", "hub_offline_no_local_copy",
+]
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_task_errors(case, run_cli, tmp_path, sst2_dir):
+    args, expected = _data_case(case, tmp_path, sst2_dir)
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    proc = run_cli(*TINY, *args, f"hydra.run.dir={run_dir}")
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("peft_lab: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert expected in errors[0] and "Fix:" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    metrics = read_metrics(run_dir)
+    assert metrics.get("status") != "completed"
+    assert metrics.get("status") == "failed" and expected in metrics["error"]
+    assert not (run_dir / "adapter").exists()
+    # "fails fast": no 23 s of Hub retries, no 46 s tokenizer look-up (generous bound for a loaded CI box)
+    assert elapsed < 60

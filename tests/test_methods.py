@@ -1,0 +1,323 @@
+"""Every registered method through one contract, then each method's own faithfulness checks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import build_model
+
+from peft_lab import data, models, training
+from peft_lab.methods import names
+from peft_lab.metrics import count_parameters
+
+TASKS = {"classification": "sst2", "causal_lm": "wikitext2"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache_dir, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(cache_dir))
+    torch.set_num_threads(1)
+
+
+def _cfg(compose, method, dataset, *extra):
+    return compose("experiment=smoke", f"method={method}", f"dataset={dataset}", "logger=none", *extra)
+
+
+def _examples(cfg, tok, split, n):
+    raw, _ = data.load_validated(cfg.dataset, split)
+    return data.tokenize(cfg.dataset, tok, raw, n)
+
+
+def _outputs(model, method, batch):
+    model.eval()
+    b = {k: v for k, v in batch.items() if k != "labels"}
+    if method is not None:
+        method.before_forward(batch, 0, 1, training=False)
+    with torch.no_grad():
+        return model(**b).logits
+
+
+def _train(model, method, cfg, tok, task, examples, tmp_path, steps):
+    cfg.train.max_steps = steps
+    cfg.train.checkpoint_every = 0
+    return training.train(model, method, examples, cfg=cfg, task=task, tokenizer=tok, device="cpu",
+                          autocast=contextlib.nullcontext, run_dir=tmp_path, on_log=lambda *a: None,
+                          on_eval=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("method_name", names())
+def test_method_contract(method_name, task, compose, tmp_path):
+    extra = ["method.lr=1e-2", "train.log_every=1", "train.warmup_ratio=0"]
+    if method_name == "sparselora":
+        extra += ["method.dense_first_layers=0", "method.dense_last_layers=0", "method.warmup_frac=0",
+                  "method.dense_output_tokens=false"]
+    cfg = _cfg(compose, method_name, TASKS[task], *extra)
+    loaded, method, task_ = build_model(cfg)
+    tok = loaded.tokenizer
+    examples = _examples(cfg, tok, cfg.dataset.train_split, 64)
+    probe = training.collate(examples[:4], task_, tok)
+    base_out = _outputs(loaded.model, None, probe)
+
+    model = method.adapt(loaded.model)
+
+    # 1. only adapter parameters (plus the task head for classification) train
+    counts = count_parameters(model)
+    assert counts["adapter_params"] > 0
+    expected = counts["adapter_params"] + (counts["head_params"] if task == "classification" else 0)
+    assert counts["trainable_params"] == expected
+    if task == "classification":
+        assert counts["head_params"] > 0
+    else:
+        assert counts["head_params"] == 0
+
+    # 2. zero-initialised adapters reproduce the base model at init
+    assert torch.allclose(_outputs(model, method, probe), base_out, atol=1e-5)
+
+    # 3. loss falls on a learnable tiny task
+    model.train()
+    result = _train(model, method, cfg, tok, task_, examples, tmp_path, steps=16)
+    first, last = result.history[0]["loss"], sum(h["loss"] for h in result.history[-3:]) / 3
+    assert last < first, (first, last)
+
+    # 4. save + load reproduces the outputs
+    trained_out = _outputs(model, method, probe)
+    assert not torch.allclose(trained_out, base_out, atol=1e-5), "training changed nothing"
+    method.save_adapter(model, tmp_path / "adapter")
+    fresh, _, _ = build_model(cfg)
+    reloaded = method.load_adapter(fresh.model, tmp_path / "adapter")
+    assert torch.allclose(_outputs(reloaded, None, probe), trained_out, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- HiRA
+
+
+def test_hira_effective_weight_is_hadamard_with_w0(compose):
+    cfg = _cfg(compose, "hira", "wikitext2")
+    loaded, method, _ = build_model(cfg)
+    model = method.adapt(loaded.model)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    a, b = layer.hira_A["default"], layer.hira_B["default"]
+    with torch.no_grad():
+        b.copy_(torch.randn_like(b))  # B = 0 at init: make the update non-trivial
+    w0 = layer.get_base_layer().weight
+    x = torch.randn(3, w0.shape[1])
+    with torch.no_grad():
+        got = layer(x)
+        want = x @ (w0 + w0 * (b @ a)).T
+    assert torch.allclose(got, want, atol=1e-5)
+    # same trainable count as LoRA at the same r
+    lora_cfg = _cfg(compose, "lora", "wikitext2", f"method.r={cfg.method.r}")
+    lora_loaded, lora_method, _ = build_model(lora_cfg)
+    lora_model = lora_method.adapt(lora_loaded.model)
+    assert count_parameters(model)["adapter_params"] == count_parameters(lora_model)["adapter_params"]
+
+
+def test_hira_has_its_own_learning_rate(compose):
+    assert compose("method=hira").method.lr > 3 * compose("method=lora").method.lr
+
+
+# ----------------------------------------------------------------------------- QLoRA
+
+
+def test_qlora_layers_are_nf4_with_double_quant_and_heads_full_precision(compose):
+    import bitsandbytes as bnb
+
+    cfg = _cfg(compose, "qlora", "sst2")
+    loaded, method, _ = build_model(cfg)
+    model = method.adapt(loaded.model)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # every projection of both decoder layers
+    assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in layers)
+    head = model.get_base_model().score
+    assert not isinstance(head.original_module, bnb.nn.Linear4bit)
+    report = method.metrics(model)
+    assert report["quant_type"] == "nf4" and report["double_quant"] is True
+    assert report["quant_linear_bytes_ratio_vs_bf16"] <= 0.30
+
+    # the footprint against the unquantised model, measured
+    plain_cfg = _cfg(compose, "lora", "sst2")
+    plain, _, _ = build_model(plain_cfg)
+    ratio = loaded.model.get_memory_footprint() / plain.model.get_memory_footprint()
+    assert ratio < 0.7, ratio  # the tiny model's embeddings and head stay fp32
+
+
+def test_qlora_cpu_eval_takes_the_avx512bf16_repack_path(compose):
+    """With cpu_fast_eval, dims that are multiples of 64 repack under eval + no_grad on an AVX512-BF16 CPU,
+    and training after that evaluation still sends gradients through every 4-bit layer."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    cfg = _cfg(compose, "qlora", "sst2", "method.cpu_fast_eval=true")
+    loaded, method, task = build_model(cfg)
+    model = method.adapt(loaded.model)
+    probe = training.collate(_examples(cfg, loaded.tokenizer, "validation", 4), task, loaded.tokenizer)
+    _outputs(model, method, probe)
+    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+              for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(packed) == bool(has_avx512bf16())
+    # training after an evaluation: the packed kernel has no autograd, so the method unpacks first
+    model.train()
+    method.before_forward(probe, 1, 2, training=True)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    loss = model(**probe).loss
+    loss.backward()
+    grad = model.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad
+    assert torch.isfinite(loss) and grad is not None and grad.abs().sum() > 0, "no gradient reached layer 0"
+
+
+def test_qlora_odd_dims_are_guarded(compose):
+    """A model whose dims break the repack rule still evaluates (those layers use the generic path)."""
+    cfg = _cfg(compose, "qlora", "sst2", "method.cpu_fast_eval=true", "model.config_kwargs.hidden_size=48", "model.config_kwargs.intermediate_size=80",
+               "model.config_kwargs.num_attention_heads=4", "model.config_kwargs.num_key_value_heads=2")
+    loaded, method, task = build_model(cfg)
+    model = method.adapt(loaded.model)
+    probe = training.collate(_examples(cfg, loaded.tokenizer, "validation", 4), task, loaded.tokenizer)
+    out = _outputs(model, method, probe)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, _outputs(model, method, probe))
+    model.train()
+    method.before_forward(probe, 1, 2, training=True)
+    model(**probe).loss.backward()
+
+
+def test_qlora_on_cpu_falls_back_from_the_paged_optimizer(compose, caplog):
+    cfg = _cfg(compose, "qlora", "sst2")
+    _, method, _ = build_model(cfg)
+    with caplog.at_level("WARNING"):
+        cls, name = method.optimizer_class("cpu")
+    assert cls is torch.optim.AdamW and "needs CUDA" in caplog.text
+
+
+# ----------------------------------------------------------------------------- Sparse LoRA
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "topk", "l1"])
+@pytest.mark.parametrize("schedule", ["oneshot", "gradual"])
+def test_sparse_lora_reaches_target_and_pruned_stay_zero(criterion, schedule, compose, tmp_path):
+    cfg = _cfg(compose, "sparse", "sst2", f"method.criterion={criterion}", f"method.schedule={schedule}",
+               "method.prune_step=3", "method.start_step=1", "method.end_step=5", "train.log_every=1")
+    loaded, method, task = build_model(cfg)
+    model = method.adapt(loaded.model)
+    examples = _examples(cfg, loaded.tokenizer, "train", 64)
+    assert method.target_at(0, 10) == 0.0
+    _train(model, method, cfg, loaded.tokenizer, task, examples, tmp_path, steps=5)
+    zeros_at_5 = {n: (p == 0).clone() for n, p in method.factors.items()}
+    _train(model, method, cfg, loaded.tokenizer, task, examples, tmp_path / "more", steps=10)
+    report = method.metrics(model)
+    assert abs(report["sparsity_achieved"] - 0.5) <= 0.01, report
+    for name, p in method.factors.items():
+        assert bool((p[zeros_at_5[name]] == 0).all()), f"{name}: a pruned weight came back"
+    # stored sparsely: the adapter file is smaller than the dense one
+    method.save_adapter(model, tmp_path / "sparse")
+    from peft_lab.methods.lora import Method as LoraMethod
+
+    LoraMethod.save_adapter(method, model, tmp_path / "dense")
+    sparse_bytes = sum(f.stat().st_size for f in (tmp_path / "sparse").iterdir())
+    dense_bytes = sum(f.stat().st_size for f in (tmp_path / "dense").iterdir())
+    assert sparse_bytes < 0.8 * dense_bytes, (sparse_bytes, dense_bytes)
+
+
+def test_sparse_gradual_schedule_is_cubic(compose):
+    cfg = _cfg(compose, "sparse", "sst2", "method.schedule=gradual", "method.start_step=10", "method.end_step=20")
+    _, method, _ = build_model(cfg)
+    assert method.target_at(10, 100) == 0.0 and method.target_at(20, 100) == pytest.approx(0.5)
+    assert method.target_at(15, 100) == pytest.approx(0.5 * (1 - 0.5**3))
+
+
+# ----------------------------------------------------------------------------- SparseLoRA
+
+
+def _sparselora_pair(compose, mlp, attn, *extra):
+    """A LoRA and a SparseLoRA model with identical weights and non-zero B (so gradients reach A)."""
+    common = ["method.dense_first_layers=0", "method.dense_last_layers=0", "method.warmup_frac=0",
+              f"method.mlp_sparsity={mlp}", f"method.attn_sparsity={attn}", *extra]
+    out = []
+    for name in ("lora", "sparselora"):
+        cfg = _cfg(compose, name, "wikitext2", *(common if name == "sparselora" else []))
+        loaded, method, task = build_model(cfg)
+        torch.manual_seed(0)
+        model = method.adapt(loaded.model)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        out.append((model, method, loaded.tokenizer, task, cfg))
+    return out
+
+
+def test_sparselora_at_sparsity_zero_equals_lora(compose):
+    (lora_m, _, tok, task, cfg), (sp_m, sp_method, _, _, _) = _sparselora_pair(compose, 0.0, 0.0)
+    batch = training.collate(_examples(cfg, tok, "train", 4), task, tok)
+    lora_m.train(), sp_m.train()
+    torch.manual_seed(5)
+    out_a = lora_m(**batch)
+    out_a.loss.backward()
+    sp_method.before_forward(batch, 10, 10, training=True)
+    torch.manual_seed(5)
+    out_b = sp_m(**batch)
+    out_b.loss.backward()
+    assert sp_method.controller.active
+    assert torch.allclose(out_a.logits, out_b.logits, atol=1e-5)
+    grads_a = {n: p.grad for n, p in lora_m.named_parameters() if p.requires_grad}
+    grads_b = {n: p.grad for n, p in sp_m.named_parameters() if p.requires_grad}
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], atol=1e-5), n
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.75])
+def test_sparselora_skips_the_expected_share_of_mlp_flops(sparsity, compose):
+    (_, _, tok, task, cfg), (sp_m, sp_method, _, _, _) = _sparselora_pair(
+        compose, sparsity, 0.5, "method.dense_output_tokens=false")
+    batch = training.collate(_examples(cfg, tok, "train", 4), task, tok)
+    sp_method.before_forward(batch, 10, 10, training=True)
+    sp_m.train()
+    out = sp_m(**batch)
+    out.loss.backward()
+    report = sp_method.metrics(sp_m)
+    assert report["sparselora_mlp_flops_skipped"] == pytest.approx(sparsity, abs=1e-9)
+    assert report["sparselora_attn_flops_skipped"] == pytest.approx(0.5, abs=0.02)
+    assert 0 < report["sparselora_flops_skipped"] < 1
+
+
+def test_sparselora_keeps_output_tokens_dense(compose):
+    (_, _, tok, task, cfg), (sp_m, sp_method, _, _, _) = _sparselora_pair(compose, 0.5, 0.0)
+    batch = training.collate(_examples(cfg, tok, "train", 2), task, tok)
+    batch["labels"][:, : batch["labels"].shape[1] // 2] = -100  # the first half is context
+    sp_method.before_forward(batch, 10, 10, training=True)
+    sp_m(**batch)
+    # half the tokens sparse at 50 %: a quarter of the MLP work skipped
+    assert sp_method.metrics(sp_m)["sparselora_mlp_flops_skipped"] == pytest.approx(0.25, abs=1e-9)
+
+
+def test_sparselora_patches_nothing_globally(compose):
+    import torch.nn as nn
+    from transformers.models.llama import modeling_llama
+
+    forwards = (nn.Linear.forward, modeling_llama.LlamaMLP.forward, modeling_llama.LlamaAttention.forward)
+    _sparselora_pair(compose, 0.5, 0.25)
+    assert (nn.Linear.forward, modeling_llama.LlamaMLP.forward, modeling_llama.LlamaAttention.forward) == forwards
+    cfg = _cfg(compose, "lora", "wikitext2")
+    loaded, method, _ = build_model(cfg)
+    plain = method.adapt(loaded.model)
+    assert all(type(m) is not type(None) and type(m).__name__ != "SparseLinear" for m in plain.modules())
+
+
+def test_sparselora_rejects_an_encoder_at_start_up(compose):
+    from peft_lab.errors import UserError
+
+    cfg = _cfg(compose, "sparselora", "sst2", "model=tiny-distilbert")
+    loaded, method, _ = build_model(cfg)
+    with pytest.raises(UserError, match="Llama-style decoder"):
+        method.adapt(loaded.model)
+    cfg = _cfg(compose, "sparselora", "wikitext2", "model=tiny-distilbert")
+    with pytest.raises(UserError, match="encoder"):
+        build_model(cfg)
