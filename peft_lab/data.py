@@ -44,8 +44,7 @@ def check_config(ds: Any) -> None:
                 f"give a positive integer, or dataset.{key}=null to use the whole split",
             )
     if ds.task == "classification" and not ds.label_column:
-        raise fail(f"dataset '{ds.name}' is a classification task without a label column",
-                   "set dataset.label_column")
+        raise fail(f"dataset '{ds.name}' is a classification task without a label column", "set dataset.label_column")
     if ds.num_labels < 2 and ds.task == "classification":
         raise fail(f"dataset.num_labels={ds.num_labels}", "a classifier needs num_labels >= 2")
     if ds.source in ("auto", "local"):
@@ -54,8 +53,10 @@ def check_config(ds: Any) -> None:
             for split in (ds.train_split, ds.eval_split):
                 split_file(folder, split)
         elif ds.source == "local":
-            raise fail(f"dataset.source=local but no folder is given for '{ds.name}'",
-                       f"set dataset.data_dir=<folder> or {DATA_ROOT_ENV}=<root>/{ds.name}")
+            raise fail(
+                f"dataset.source=local but no folder is given for '{ds.name}'",
+                f"set dataset.data_dir=<folder> or {DATA_ROOT_ENV}=<root>/{ds.name}",
+            )
 
 
 def local_dir(ds: Any) -> Optional[Path]:
@@ -63,8 +64,10 @@ def local_dir(ds: Any) -> Optional[Path]:
     if ds.data_dir:
         folder = Path(ds.data_dir).expanduser()
         if not folder.is_dir():
-            raise fail(f"dataset.data_dir '{folder}' does not exist or is not a folder",
-                       "point dataset.data_dir at a folder holding {split}.parquet (or .csv/.tsv/.jsonl/.txt) files")
+            raise fail(
+                f"dataset.data_dir '{folder}' does not exist or is not a folder",
+                "point dataset.data_dir at a folder holding {split}.parquet (or .csv/.tsv/.jsonl/.txt) files",
+            )
         _check_not_empty(folder, "dataset.data_dir")
         return folder
     root = os.environ.get(DATA_ROOT_ENV)
@@ -81,8 +84,10 @@ def local_dir(ds: Any) -> Optional[Path]:
 
 def _check_not_empty(folder: Path, what: str) -> None:
     if not any(p.suffix.lstrip(".") in FORMATS for p in folder.iterdir() if p.is_file()):
-        raise fail(f"{what} '{folder}' holds no data files",
-                   "put {split}.parquet (or .csv/.tsv/.jsonl/.txt) files in it, e.g. with python -m peft_lab.prefetch")
+        raise fail(
+            f"{what} '{folder}' holds no data files",
+            "put {split}.parquet (or .csv/.tsv/.jsonl/.txt) files in it, e.g. with python -m peft_lab.prefetch",
+        )
 
 
 def split_file(folder: Path, split: str) -> Path:
@@ -117,8 +122,10 @@ def _load_file(path: Path):
     try:
         return load_dataset(builder, data_files={"split": str(path)}, split="split", **kwargs)
     except Exception as err:  # pyarrow / pandas / json errors differ by format
-        raise fail(f"could not read '{path}' as {path.suffix.lstrip('.')}: {type(err).__name__}: {err}",
-                   "check that the file is complete and in the format its extension says") from None
+        raise fail(
+            f"could not read '{path}' as {path.suffix.lstrip('.')}: {type(err).__name__}: {err}",
+            "check that the file is complete and in the format its extension says",
+        ) from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -154,15 +161,18 @@ def validate_rows(ds: Any, data: Any, split: str, where: str):
     """Check columns and labels, drop empty texts; return the filtered dataset."""
     columns = list(data.column_names)
     if ds.text_column not in columns:
-        raise fail(f"split '{split}' ({where}) has no text column '{ds.text_column}' (columns: {columns})",
-                   "set dataset.text_column to the column holding the text")
+        raise fail(
+            f"split '{split}' ({where}) has no text column '{ds.text_column}' (columns: {columns})",
+            "set dataset.text_column to the column holding the text",
+        )
     if ds.task == "classification":
         if ds.label_column not in columns:
-            raise fail(f"split '{split}' ({where}) has no label column '{ds.label_column}' (columns: {columns})",
-                       "set dataset.label_column to the column holding integer labels")
+            raise fail(
+                f"split '{split}' ({where}) has no label column '{ds.label_column}' (columns: {columns})",
+                "set dataset.label_column to the column holding integer labels",
+            )
         labels = data[ds.label_column]
-        bad = sorted({lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < ds.num_labels},
-                     key=str)
+        bad = sorted({lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < ds.num_labels}, key=str)
         if bad:
             raise fail(
                 f"split '{split}' ({where}) has labels {bad[:5]} outside 0..{ds.num_labels - 1}"
@@ -172,8 +182,10 @@ def validate_rows(ds: Any, data: Any, split: str, where: str):
     texts = data[ds.text_column]
     keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
     if not keep:
-        raise fail(f"split '{split}' ({where}) is empty after dropping empty texts ({len(texts)} rows read)",
-                   "point the dataset at a file with non-empty text rows")
+        raise fail(
+            f"split '{split}' ({where}) is empty after dropping empty texts ({len(texts)} rows read)",
+            "point the dataset at a file with non-empty text rows",
+        )
     return data.select(keep) if len(keep) < len(texts) else data
 
 
@@ -205,8 +217,10 @@ def tokenize(ds: Any, tokenizer: Any, data: Any, max_samples: Optional[int]) -> 
         return [{"input_ids": ids, "labels": lab} for ids, (_, lab) in zip(enc["input_ids"], pairs)]
     examples = lm_blocks(tokenizer, texts, ds.block_size)
     if not examples:
-        raise fail(f"the {ds.name} text has fewer than block_size={ds.block_size} tokens",
-                   "lower dataset.block_size or give more text")
+        raise fail(
+            f"the {ds.name} text has fewer than block_size={ds.block_size} tokens",
+            "lower dataset.block_size or give more text",
+        )
     return subset(examples, max_samples, ds.subset_seed)
 
 
@@ -225,8 +239,12 @@ _POS = "good great excellent wonderful moving superb delightful fun charming bri
 _NEG = "bad awful boring dull terrible weak poor tedious clumsy bland".split()
 _FILL = "the film movie story was plot acting and a really quite very this it is with of".split()
 _LM = [
-    "the cat sat on the mat .", "a dog ran in the park .", "the sun rose over the hills .",
-    "she read a book by the window .", "rain fell on the quiet town .", "he wrote a letter to his friend .",
+    "the cat sat on the mat .",
+    "a dog ran in the park .",
+    "the sun rose over the hills .",
+    "she read a book by the window .",
+    "rain fell on the quiet town .",
+    "he wrote a letter to his friend .",
 ]
 
 

@@ -12,8 +12,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "hydra-core",
-            "omegaconf", "wandb"]
+PACKAGES = [
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+]
 
 
 def count_parameters(model: Any) -> dict[str, Any]:
@@ -90,8 +99,12 @@ def environment() -> dict[str, Any]:
 def git_commit() -> str | None:
     repo = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=40"],
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

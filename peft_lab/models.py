@@ -65,20 +65,28 @@ def resolve_task(model_cfg: Any, dataset_task: str) -> str:
 def check_config(model_cfg: Any) -> None:
     """Checks that need no weights: run before any heavy import."""
     if model_cfg.path and not Path(model_cfg.path).expanduser().exists():
-        raise fail(f"model.path '{model_cfg.path}' does not exist",
-                   "point model.path at a folder saved with save_pretrained (or python -m peft_lab.prefetch)")
+        raise fail(
+            f"model.path '{model_cfg.path}' does not exist",
+            "point model.path at a folder saved with save_pretrained (or python -m peft_lab.prefetch)",
+        )
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(model_cfg) and OmegaConf.is_missing(model_cfg, "name_or_path"):
-        raise fail(f"model '{model_cfg.name}' needs model.name_or_path", "give a Hub id or a local folder, "
-                   "e.g. model.name_or_path=HuggingFaceTB/SmolLM2-360M")
+        raise fail(
+            f"model '{model_cfg.name}' needs model.name_or_path",
+            "give a Hub id or a local folder, e.g. model.name_or_path=HuggingFaceTB/SmolLM2-360M",
+        )
     nop = model_cfg.name_or_path or ""
     if not model_cfg.path and nop.startswith(("/", "./", "../", "~")) and not Path(nop).expanduser().exists():
-        raise fail(f"model.name_or_path '{nop}' looks like a local path but does not exist",
-                   "fix the path, or give a Hub id such as HuggingFaceTB/SmolLM2-135M")
+        raise fail(
+            f"model.name_or_path '{nop}' looks like a local path but does not exist",
+            "fix the path, or give a Hub id such as HuggingFaceTB/SmolLM2-135M",
+        )
     if model_cfg.source == "config" and not model_cfg.arch:
-        raise fail(f"model '{model_cfg.name}' is built from a config but has no model.arch",
-                   "set model.arch=llama or model.arch=distilbert")
+        raise fail(
+            f"model '{model_cfg.name}' is built from a config but has no model.arch",
+            "set model.arch=llama or model.arch=distilbert",
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -154,10 +162,15 @@ def build_from_config(model_cfg: Any) -> Path:
     import transformers
     from omegaconf import OmegaConf
 
-    kwargs = OmegaConf.to_container(model_cfg.config_kwargs) if OmegaConf.is_config(model_cfg.config_kwargs) \
+    kwargs = (
+        OmegaConf.to_container(model_cfg.config_kwargs)
+        if OmegaConf.is_config(model_cfg.config_kwargs)
         else dict(model_cfg.config_kwargs)
-    key = json.dumps({"arch": model_cfg.arch, "kw": kwargs, "seed": model_cfg.init_seed,
-                      "tf": transformers.__version__}, sort_keys=True)
+    )
+    key = json.dumps(
+        {"arch": model_cfg.arch, "kw": kwargs, "seed": model_cfg.init_seed, "tf": transformers.__version__},
+        sort_keys=True,
+    )
     folder = cache_root() / "models" / f"{model_cfg.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (folder / "config.json").exists():
         return folder
@@ -166,8 +179,12 @@ def build_from_config(model_cfg: Any) -> Path:
     if model_cfg.arch not in arch:
         raise fail(f"model.arch '{model_cfg.arch}' cannot be built from a config", f"use one of {sorted(arch)}")
     config_cls, model_cls = (getattr(transformers, n) for n in arch[model_cfg.arch])
-    config = config_cls(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.cls_token_id, **kwargs)
+    config = config_cls(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        **kwargs,
+    )
     torch.manual_seed(model_cfg.init_seed)
     model = model_cls(config)
     _save_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
@@ -185,8 +202,15 @@ def byte_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   cls_token="<cls>", sep_token="<eos>", mask_token="<mask>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        cls_token="<cls>",
+        sep_token="<eos>",
+        mask_token="<mask>",
+    )
 
 
 def packaged_folder(package: str) -> Optional[Path]:

@@ -37,8 +37,9 @@ def write_dataset_splits(splits: dict[str, Any], folder: Path) -> list[Path]:
 def fetch_dataset(ds: Any, out: Path) -> list[Path]:
     from datasets import load_dataset
 
-    splits = {s: load_dataset(ds.hub_path, ds.hub_config, split=s) for s in dict.fromkeys([ds.train_split,
-                                                                                           ds.eval_split])}
+    splits = {
+        s: load_dataset(ds.hub_path, ds.hub_config, split=s) for s in dict.fromkeys([ds.train_split, ds.eval_split])
+    }
     return write_dataset_splits(splits, out / ds.name)
 
 
@@ -46,8 +47,11 @@ def fetch_model(mc: Any, out: Path) -> Path:
     from huggingface_hub import snapshot_download
 
     target = out / "models" / mc.name
-    snapshot_download(mc.name_or_path, local_dir=str(target),
-                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"])
+    snapshot_download(
+        mc.name_or_path,
+        local_dir=str(target),
+        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+    )
     return target
 
 
@@ -63,8 +67,11 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(args.pop("out")).expanduser()
     if not hub_reachable():
-        print("peft_lab.prefetch: error: the Hugging Face Hub is unreachable from this machine. "
-              "Fix: run prefetch on a machine with internet (a login node), then copy <out> over.", file=sys.stderr)
+        print(
+            "peft_lab.prefetch: error: the Hugging Face Hub is unreachable from this machine. "
+            "Fix: run prefetch on a machine with internet (a login node), then copy <out> over.",
+            file=sys.stderr,
+        )
         return 2
     datasets = args.pop("dataset", "").split(",") if "dataset" in args else []
     model = args.pop("model", None)

@@ -98,20 +98,30 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
     model.to(device) if not getattr(model, "is_loaded_in_4bit", False) else None
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_train, ds.max_train_samples)
     eval_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_eval, ds.max_eval_samples)
-    record.update(model_source=loaded.source, base_model_folder=loaded.folder,
-                  data_source=train_src, train_examples=len(train_ex), eval_examples=len(eval_ex),
-                  **metrics.count_parameters(model), **method.metrics(model))
-    log.info(f"{record['trainable_params']:,} trainable of {record['total_params']:,} parameters "
-             f"({record['trainable_pct']:.3f} %); {len(train_ex)} train / {len(eval_ex)} eval examples")
+    record.update(
+        model_source=loaded.source,
+        base_model_folder=loaded.folder,
+        data_source=train_src,
+        train_examples=len(train_ex),
+        eval_examples=len(eval_ex),
+        **metrics.count_parameters(model),
+        **method.metrics(model),
+    )
+    log.info(
+        f"{record['trainable_params']:,} trainable of {record['total_params']:,} parameters "
+        f"({record['trainable_pct']:.3f} %); {len(train_ex)} train / {len(eval_ex)} eval examples"
+    )
 
     config = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.method.name}-{ds.name}-{mc.name}"
     tracker = tracking.make_tracker(cfg, run_dir, group, name, config)
     failed = True
     try:
+
         def run_eval() -> dict:
-            return training.evaluate(model, eval_ex, task, loaded.tokenizer, cfg.train.eval_batch_size, device,
-                                     autocast, method)
+            return training.evaluate(
+                model, eval_ex, task, loaded.tokenizer, cfg.train.eval_batch_size, device, autocast, method
+            )
 
         if cfg.train.eval_before:
             record["eval_before"] = run_eval()
@@ -122,20 +132,37 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
             log.info(f"eval at step {step}: {result}")
             tracker.log({f"eval_{k}": v for k, v in result.items()}, step)
 
-        result = training.train(model, method, train_ex, cfg=cfg, task=task, tokenizer=loaded.tokenizer,
-                                device=device, autocast=autocast, run_dir=run_dir, on_log=tracker.log,
-                                on_eval=on_eval)
+        result = training.train(
+            model,
+            method,
+            train_ex,
+            cfg=cfg,
+            task=task,
+            tokenizer=loaded.tokenizer,
+            device=device,
+            autocast=autocast,
+            run_dir=run_dir,
+            on_log=tracker.log,
+            on_eval=on_eval,
+        )
         eval_metrics = run_eval()
         log.info(f"eval: {eval_metrics}")
         main_metric = _main_metric(ds, task)
         record.update(
-            eval=eval_metrics, main_metric=main_metric, main_metric_value=eval_metrics[main_metric],
-            steps=result.steps, resumed_from_step=result.resumed_from, final_train_loss=result.final_loss,
+            eval=eval_metrics,
+            main_metric=main_metric,
+            main_metric_value=eval_metrics[main_metric],
+            steps=result.steps,
+            resumed_from_step=result.resumed_from,
+            final_train_loss=result.final_loss,
             train_wall_s=result.wall_s,
             samples_per_s=result.samples / max(1e-9, result.wall_s),
             tokens_per_s=result.tokens / max(1e-9, result.wall_s),
-            model_footprint_bytes=base_footprint, **method.metrics(model), **metrics.peak_memory(device),
-            **metrics.environment(), wandb_run_id=tracker.run_id,
+            model_footprint_bytes=base_footprint,
+            **method.metrics(model),
+            **metrics.peak_memory(device),
+            **metrics.environment(),
+            wandb_run_id=tracker.run_id,
         )
         if cfg.train.save_adapter:
             adapter_dir = run_dir / "adapter"

@@ -89,8 +89,16 @@ def make_tracker(cfg: Any, run_dir: Path, group: str, name: str, config: dict) -
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     run = wandb.init(
-        project=lc.project, entity=lc.entity, group=group, name=name, job_type="train", id=run_id,
-        resume="allow", mode=mode, dir=str(run_dir), config=redact(config),
+        project=lc.project,
+        entity=lc.entity,
+        group=group,
+        name=name,
+        job_type="train",
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        dir=str(run_dir),
+        config=redact(config),
         tags=[cfg.method.name, cfg.dataset.name, cfg.model.name],
         settings=wandb.Settings(console="off", silent=True),
     )

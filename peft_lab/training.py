@@ -71,8 +71,16 @@ def _to(batch: dict, device: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: Any, examples: list[dict], task: str, tokenizer: Any, batch_size: int, device: str,
-             autocast: Any, method: Any = None) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    examples: list[dict],
+    task: str,
+    tokenizer: Any,
+    batch_size: int,
+    device: str,
+    autocast: Any,
+    method: Any = None,
+) -> dict[str, float]:
     """Accuracy / macro-F1 for classification; token-level NLL and perplexity for LM."""
     was_training = model.training
     model.eval()
@@ -91,8 +99,9 @@ def evaluate(model: Any, examples: list[dict], task: str, tokenizer: Any, batch_
             continue
         if task == "causal_lm":
             logits, labels = logits[:, :-1], labels[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((labels != -100).sum())
     model.train(was_training)
     if task == "classification":
@@ -128,9 +137,20 @@ class TrainResult:
     history: list[dict]
 
 
-def train(model: Any, method: Any, examples: list[dict], *, cfg: Any, task: str, tokenizer: Any, device: str,
-          autocast: Any, run_dir: Path, on_log: Callable[[dict, int], None],
-          on_eval: Callable[[int], None]) -> TrainResult:
+def train(
+    model: Any,
+    method: Any,
+    examples: list[dict],
+    *,
+    cfg: Any,
+    task: str,
+    tokenizer: Any,
+    device: str,
+    autocast: Any,
+    run_dir: Path,
+    on_log: Callable[[dict, int], None],
+    on_eval: Callable[[int], None],
+) -> TrainResult:
     tc = cfg.train
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_cls, opt_name = method.optimizer_class(device)
@@ -140,16 +160,19 @@ def train(model: Any, method: Any, examples: list[dict], *, cfg: Any, task: str,
     total = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=round(tc.warmup_ratio * total),
-                              num_training_steps=total)
+    scheduler = get_scheduler(
+        tc.scheduler, optimizer, num_warmup_steps=round(tc.warmup_ratio * total), num_training_steps=total
+    )
     pos = {"step": 0, "epoch": 0, "micro": 0}
     ckpt = run_dir / CKPT_DIR
     if tc.resume and (ckpt / "state.json").exists():
         pos = load_checkpoint(ckpt, model, optimizer, scheduler, method)
         log.info(f"Resumed from step {pos['step']} (epoch {pos['epoch']}, batch {pos['micro']}) of {total}")
     resumed_from = pos["step"]
-    log.info(f"Training {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size} x {tc.grad_accum}), "
-             f"optimizer {opt_name}, lr {cfg.method.lr}")
+    log.info(
+        f"Training {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size} x {tc.grad_accum}), "
+        f"optimizer {opt_name}, lr {cfg.method.lr}"
+    )
 
     model.train()
     mlm_gen = torch.Generator().manual_seed(cfg.seed)
@@ -189,12 +212,13 @@ def train(model: Any, method: Any, examples: list[dict], *, cfg: Any, task: str,
                 now = time.perf_counter()
                 rate = window_samples / max(1e-9, now - window_t)
                 window_t, window_samples = now, 0
-                entry = {"step": pos["step"], "loss": loss_acc, "lr": scheduler.get_last_lr()[0],
-                         "samples_per_s": rate}
+                entry = {"step": pos["step"], "loss": loss_acc, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
                 history.append(entry)
                 eta = (total - pos["step"]) * wall / max(1, pos["step"] - resumed_from)
-                log.info(f"step {pos['step']}/{total}  loss {loss_acc:.4f}  lr {entry['lr']:.2e}  "
-                         f"{rate:.1f} samples/s  eta {eta:.0f}s")
+                log.info(
+                    f"step {pos['step']}/{total}  loss {loss_acc:.4f}  lr {entry['lr']:.2e}  "
+                    f"{rate:.1f} samples/s  eta {eta:.0f}s"
+                )
                 on_log(entry, pos["step"])
             if tc.eval_every > 0 and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
                 on_eval(pos["step"])
@@ -204,8 +228,16 @@ def train(model: Any, method: Any, examples: list[dict], *, cfg: Any, task: str,
             pos["epoch"] += 1
             pos["micro"] = 0
     save_checkpoint(ckpt, model, optimizer, scheduler, method, pos)
-    return TrainResult(steps=pos["step"], total_steps=total, wall_s=wall, samples=samples, tokens=tokens,
-                       final_loss=last_loss, resumed_from=resumed_from, history=history)
+    return TrainResult(
+        steps=pos["step"],
+        total_steps=total,
+        wall_s=wall,
+        samples=samples,
+        tokens=tokens,
+        final_loss=last_loss,
+        resumed_from=resumed_from,
+        history=history,
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -218,8 +250,15 @@ def save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, meth
     tmp.mkdir(parents=True)
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save(trainable, tmp / "trainable.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "method": method.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "method": method.state_dict(),
+            "rng": _rng_state(),
+        },
+        tmp / "state.pt",
+    )
     (tmp / "state.json").write_text(json.dumps(pos))
     old = ckpt.with_name(f".{ckpt.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -234,8 +273,9 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, meth
     params = dict(model.named_parameters())
     missing = [n for n in trainable if n not in params]
     if missing:
-        raise RuntimeError(f"checkpoint {ckpt} does not match this model (e.g. {missing[:2]}); "
-                           "delete it to start again")
+        raise RuntimeError(
+            f"checkpoint {ckpt} does not match this model (e.g. {missing[:2]}); delete it to start again"
+        )
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)

@@ -50,8 +50,14 @@ def run_cli(cli_env, tmp_path):
 
     def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
         full_env = dict(cli_env, **(env or {}))
-        return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=full_env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=tmp_path,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 
@@ -107,8 +113,15 @@ def sst2_dir(tmp_path) -> Path:
     return folder
 
 
-TINY = ["model=tiny", "logger=none", "train.max_steps=3", "train.batch_size=8", "train.log_every=1",
-        "dataset.max_length=32", "dataset.block_size=32"]
+TINY = [
+    "model=tiny",
+    "logger=none",
+    "train.max_steps=3",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "dataset.max_length=32",
+    "dataset.block_size=32",
+]
 
 
 def build_model(cfg, device: str = "cpu"):

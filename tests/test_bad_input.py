@@ -86,10 +86,22 @@ def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
 
 
 DATA_CASES = [
-    "data_dir_missing", "data_dir_empty", "split_missing", "text_column_missing", "label_column_missing",
-    "labels_out_of_range", "unlabelled_eval_split", "empty_after_filtering", "malformed_file",
-    "max_train_samples_zero", "max_train_samples_negative", "model_path_missing", "model_without_task_head",
-    "no_target_modules", "unknown_target_modules", "hub_offline_no_local_copy",
+    "data_dir_missing",
+    "data_dir_empty",
+    "split_missing",
+    "text_column_missing",
+    "label_column_missing",
+    "labels_out_of_range",
+    "unlabelled_eval_split",
+    "empty_after_filtering",
+    "malformed_file",
+    "max_train_samples_zero",
+    "max_train_samples_negative",
+    "model_path_missing",
+    "model_without_task_head",
+    "no_target_modules",
+    "unknown_target_modules",
+    "hub_offline_no_local_copy",
 ]
 
 

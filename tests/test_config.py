@@ -31,7 +31,11 @@ def test_every_group_option_composes(group, compose):
 def test_defaults_and_typed_values(compose):
     cfg = compose()
     assert (cfg.method.name, cfg.dataset.name, cfg.model.name, cfg.cluster.name) == (
-        "lora", "sst2", "smollm2-135m", "local")
+        "lora",
+        "sst2",
+        "smollm2-135m",
+        "local",
+    )
     assert cfg.method.r == 8 and cfg.method.lora_alpha == 16
     cfg = compose("method.r=16", "train.max_steps=5")
     assert cfg.method.r == 16 and cfg.train.max_steps == 5
@@ -55,9 +59,17 @@ def test_run_dirs_are_derived_from_overrides():
 def test_cfg_job_imports_no_heavy_library():
     """`train.py --cfg job` and a bad override never import torch, transformers or peft."""
     for args in (["--cfg", "job"], ["method.r=abc"]):
-        proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "train.py"), *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", str(REPO / "train.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
         assert not imported & {"torch", "transformers", "peft", "datasets", "wandb"}, args
-    assert "method:" in subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg", "job"],
-                                       capture_output=True, text=True, timeout=60).stdout
+    assert (
+        "method:"
+        in subprocess.run(
+            [sys.executable, str(REPO / "train.py"), "--cfg", "job"], capture_output=True, text=True, timeout=60
+        ).stdout
+    )

@@ -42,9 +42,19 @@ def _outputs(model, method, batch):
 def _train(model, method, cfg, tok, task, examples, tmp_path, steps):
     cfg.train.max_steps = steps
     cfg.train.checkpoint_every = 0
-    return training.train(model, method, examples, cfg=cfg, task=task, tokenizer=tok, device="cpu",
-                          autocast=contextlib.nullcontext, run_dir=tmp_path, on_log=lambda *a: None,
-                          on_eval=lambda s: None)
+    return training.train(
+        model,
+        method,
+        examples,
+        cfg=cfg,
+        task=task,
+        tokenizer=tok,
+        device="cpu",
+        autocast=contextlib.nullcontext,
+        run_dir=tmp_path,
+        on_log=lambda *a: None,
+        on_eval=lambda s: None,
+    )
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -55,8 +65,12 @@ def _train(model, method, cfg, tok, task, examples, tmp_path, steps):
 def test_method_contract(method_name, task, compose, tmp_path):
     extra = ["method.lr=1e-2", "train.log_every=1", "train.warmup_ratio=0"]
     if method_name == "sparselora":
-        extra += ["method.dense_first_layers=0", "method.dense_last_layers=0", "method.warmup_frac=0",
-                  "method.dense_output_tokens=false"]
+        extra += [
+            "method.dense_first_layers=0",
+            "method.dense_last_layers=0",
+            "method.warmup_frac=0",
+            "method.dense_output_tokens=false",
+        ]
     cfg = _cfg(compose, method_name, TASKS[task], *extra)
     loaded, method, task_ = build_model(cfg)
     tok = loaded.tokenizer
@@ -158,14 +172,20 @@ def test_qlora_cpu_eval_takes_the_avx512bf16_repack_path(compose):
     model = method.adapt(loaded.model)
     probe = training.collate(_examples(cfg, loaded.tokenizer, "validation", 4), task, loaded.tokenizer)
     _outputs(model, method, probe)
-    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False)
-              for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    packed = [
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    ]
     assert all(packed) == bool(has_avx512bf16())
     # training after an evaluation: the packed kernel has no autograd, so the method unpacks first
     model.train()
     method.before_forward(probe, 1, 2, training=True)
-    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
-                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
     loss = model(**probe).loss
     loss.backward()
     grad = model.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad
@@ -174,8 +194,16 @@ def test_qlora_cpu_eval_takes_the_avx512bf16_repack_path(compose):
 
 def test_qlora_odd_dims_are_guarded(compose):
     """A model whose dims break the repack rule still evaluates (those layers use the generic path)."""
-    cfg = _cfg(compose, "qlora", "sst2", "method.cpu_fast_eval=true", "model.config_kwargs.hidden_size=48", "model.config_kwargs.intermediate_size=80",
-               "model.config_kwargs.num_attention_heads=4", "model.config_kwargs.num_key_value_heads=2")
+    cfg = _cfg(
+        compose,
+        "qlora",
+        "sst2",
+        "method.cpu_fast_eval=true",
+        "model.config_kwargs.hidden_size=48",
+        "model.config_kwargs.intermediate_size=80",
+        "model.config_kwargs.num_attention_heads=4",
+        "model.config_kwargs.num_key_value_heads=2",
+    )
     loaded, method, task = build_model(cfg)
     model = method.adapt(loaded.model)
     probe = training.collate(_examples(cfg, loaded.tokenizer, "validation", 4), task, loaded.tokenizer)
@@ -201,8 +229,17 @@ def test_qlora_on_cpu_falls_back_from_the_paged_optimizer(compose, caplog):
 @pytest.mark.parametrize("criterion", ["magnitude", "topk", "l1"])
 @pytest.mark.parametrize("schedule", ["oneshot", "gradual"])
 def test_sparse_lora_reaches_target_and_pruned_stay_zero(criterion, schedule, compose, tmp_path):
-    cfg = _cfg(compose, "sparse", "sst2", f"method.criterion={criterion}", f"method.schedule={schedule}",
-               "method.prune_step=3", "method.start_step=1", "method.end_step=5", "train.log_every=1")
+    cfg = _cfg(
+        compose,
+        "sparse",
+        "sst2",
+        f"method.criterion={criterion}",
+        f"method.schedule={schedule}",
+        "method.prune_step=3",
+        "method.start_step=1",
+        "method.end_step=5",
+        "train.log_every=1",
+    )
     loaded, method, task = build_model(cfg)
     model = method.adapt(loaded.model)
     examples = _examples(cfg, loaded.tokenizer, "train", 64)
@@ -236,8 +273,14 @@ def test_sparse_gradual_schedule_is_cubic(compose):
 
 def _sparselora_pair(compose, mlp, attn, *extra):
     """A LoRA and a SparseLoRA model with identical weights and non-zero B (so gradients reach A)."""
-    common = ["method.dense_first_layers=0", "method.dense_last_layers=0", "method.warmup_frac=0",
-              f"method.mlp_sparsity={mlp}", f"method.attn_sparsity={attn}", *extra]
+    common = [
+        "method.dense_first_layers=0",
+        "method.dense_last_layers=0",
+        "method.warmup_frac=0",
+        f"method.mlp_sparsity={mlp}",
+        f"method.attn_sparsity={attn}",
+        *extra,
+    ]
     out = []
     for name in ("lora", "sparselora"):
         cfg = _cfg(compose, name, "wikitext2", *(common if name == "sparselora" else []))
@@ -276,7 +319,8 @@ def test_sparselora_at_sparsity_zero_equals_lora(compose):
 @pytest.mark.parametrize("sparsity", [0.5, 0.75])
 def test_sparselora_skips_the_expected_share_of_mlp_flops(sparsity, compose):
     (_, _, tok, task, cfg), (sp_m, sp_method, _, _, _) = _sparselora_pair(
-        compose, sparsity, 0.5, "method.dense_output_tokens=false")
+        compose, sparsity, 0.5, "method.dense_output_tokens=false"
+    )
     batch = training.collate(_examples(cfg, tok, "train", 4), task, tok)
     sp_method.before_forward(batch, 10, 10, training=True)
     sp_m.train()

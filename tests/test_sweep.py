@@ -24,9 +24,20 @@ def smoke_sweep(tmp_path_factory, cli_env):
 
     sweep = tmp_path_factory.mktemp("smoke") / "sweep"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "method=lora", "dataset=sst2,imdb,wikitext2",
-         "experiment=smoke", f"hydra.sweep.dir={sweep}"],
-        cwd=sweep.parent, env=cli_env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "method=lora",
+            "dataset=sst2,imdb,wikitext2",
+            "experiment=smoke",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=sweep.parent,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return sweep, proc
 
@@ -39,8 +50,19 @@ def test_smoke_grid_completes_with_metrics(smoke_sweep):
     for name, m in cells.items():
         assert m["status"] == "completed", (name, m.get("error"))
         assert m["method"] == "lora" and m["model"] == "tiny" and m["model_source"] == "config:llama"
-        for key in ("total_params", "trainable_params", "trainable_pct", "adapter_bytes", "model_footprint_bytes",
-                    "peak_memory_bytes", "train_wall_s", "samples_per_s", "tokens_per_s", "versions", "seed"):
+        for key in (
+            "total_params",
+            "trainable_params",
+            "trainable_pct",
+            "adapter_bytes",
+            "model_footprint_bytes",
+            "peak_memory_bytes",
+            "train_wall_s",
+            "samples_per_s",
+            "tokens_per_s",
+            "versions",
+            "seed",
+        ):
             assert key in m, (name, key)
         assert 0 < m["trainable_params"] < m["total_params"]
         assert m["adapter_bytes"] > 0 and m["peak_memory_bytes"] > 0 and m["tokens_per_s"] > 0
@@ -78,8 +100,9 @@ def test_adapter_loads_back_and_reproduces_outputs(smoke_sweep):
     assert torch.isfinite(nll)
     assert any(p.abs().sum() > 0 for p in lora_b), "the saved adapter must hold the trained (non-zero) B"
     # reloading twice gives identical outputs
-    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(m["base_model_folder"]),
-                                      m["adapter_dir"]).eval()
+    again = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(m["base_model_folder"]), m["adapter_dir"]
+    ).eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
 
@@ -93,9 +116,20 @@ def test_rerun_skips_completed_cells(smoke_sweep, cli_env):
     sweep, _ = smoke_sweep
     before = {n: m["finished_at"] for n, m in _cells(sweep).items()}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "method=lora", "dataset=sst2,imdb,wikitext2",
-         "experiment=smoke", f"hydra.sweep.dir={sweep}"],
-        cwd=sweep.parent, env=cli_env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "method=lora",
+            "dataset=sst2,imdb,wikitext2",
+            "experiment=smoke",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=sweep.parent,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Sweep summary (0 completed, 3 skipped, 0 failed)" in proc.stdout
@@ -104,8 +138,14 @@ def test_rerun_skips_completed_cells(smoke_sweep, cli_env):
 
 def test_failing_cell_does_not_stop_others(run_cli, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "experiment=smoke", "logger=none", "dataset=sst2",
-                   "dataset.max_train_samples=0,16", f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "experiment=smoke",
+        "logger=none",
+        "dataset=sst2",
+        "dataset.max_train_samples=0,16",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 1
     good = read_metrics(sweep / "dataset.max_train_samples=16,dataset=sst2")
     bad = read_metrics(sweep / "dataset.max_train_samples=0,dataset=sst2")
@@ -115,8 +155,10 @@ def test_failing_cell_does_not_stop_others(run_cli, tmp_path):
     assert "dataset.max_train_samples=0,dataset=sst2" in proc.stderr and "cell_0.log" in proc.stderr
     assert (sweep / ".cells" / "cell_0.log").read_text().count("peft_lab: error:") == 1
     rows = {r["cell"]: r["status"] for r in csv.DictReader((sweep / "summary.csv").open())}
-    assert rows == {"dataset.max_train_samples=0,dataset=sst2": "failed",
-                    "dataset.max_train_samples=16,dataset=sst2": "completed"}
+    assert rows == {
+        "dataset.max_train_samples=0,dataset=sst2": "failed",
+        "dataset.max_train_samples=16,dataset=sst2": "completed",
+    }
 
 
 def test_cells_do_not_leak_state(run_cli, tmp_path):

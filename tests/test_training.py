@@ -57,8 +57,9 @@ def test_encoder_on_lm_dataset_reports_masked_lm_perplexity(compose):
     model, _, tok, task = _build(cfg)
     assert task == "masked_lm"
     raw, _ = data.load_validated(cfg.dataset, cfg.dataset.eval_split)
-    result = training.evaluate(model, data.tokenize(cfg.dataset, tok, raw, 4), task, tok, 4, "cpu",
-                               contextlib.nullcontext)
+    result = training.evaluate(
+        model, data.tokenize(cfg.dataset, tok, raw, 4), task, tok, 4, "cpu", contextlib.nullcontext
+    )
     assert "mlm_perplexity" in result and "perplexity" not in result and result["mlm_perplexity"] > 1
 
 
@@ -76,8 +77,15 @@ def test_parameter_counts_walk_adapter_layers(compose):
 
 def test_resume_continues_exactly(compose, tmp_path):
     """6 steps straight == killed after step 4 (checkpoint at 3), restarted with a fresh model, resumed."""
-    common = ["experiment=smoke", "dataset=sst2", "logger=none", "train.max_steps=6", "train.log_every=1",
-              "train.checkpoint_every=3", "method.lora_dropout=0.1"]
+    common = [
+        "experiment=smoke",
+        "dataset=sst2",
+        "logger=none",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "method.lora_dropout=0.1",
+    ]
 
     class Killed(Exception):
         pass
@@ -93,9 +101,19 @@ def test_resume_continues_exactly(compose, tmp_path):
         raw, _ = data.load_validated(cfg.dataset, "train")
         ex = data.tokenize(cfg.dataset, tok, raw, None)
         torch.manual_seed(cfg.seed)
-        result = training.train(model, method, ex, cfg=cfg, task=task, tokenizer=tok, device="cpu",
-                                autocast=contextlib.nullcontext, run_dir=run_dir,
-                                on_log=lambda e, s: on_log(e, s, kill_at), on_eval=lambda s: None)
+        result = training.train(
+            model,
+            method,
+            ex,
+            cfg=cfg,
+            task=task,
+            tokenizer=tok,
+            device="cpu",
+            autocast=contextlib.nullcontext,
+            run_dir=run_dir,
+            on_log=lambda e, s: on_log(e, s, kill_at),
+            on_eval=lambda s: None,
+        )
         return model, result
 
     straight, r1 = run(tmp_path / "a")

@@ -18,9 +18,7 @@ class PeftLabLocalConf:
     parallel: Optional[int] = None  # null: cluster.parallel
 
 
-ConfigStore.instance().store(
-    group="hydra/launcher", name="peft_lab_local", node=PeftLabLocalConf, provider="peft_lab"
-)
+ConfigStore.instance().store(group="hydra/launcher", name="peft_lab_local", node=PeftLabLocalConf, provider="peft_lab")
 
 
 class LocalCellLauncher(Launcher):

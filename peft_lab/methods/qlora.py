@@ -39,8 +39,9 @@ class Method(lora.Method):
         if self.cfg.quant_type not in ("nf4", "fp4"):
             raise fail(f"method.quant_type={self.cfg.quant_type}", "use nf4 (QLoRA) or fp4")
         if self.cfg.paged_optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit"):
-            raise fail(f"method.paged_optimizer={self.cfg.paged_optimizer}",
-                       "use paged_adamw_32bit or paged_adamw_8bit")
+            raise fail(
+                f"method.paged_optimizer={self.cfg.paged_optimizer}", "use paged_adamw_32bit or paged_adamw_8bit"
+            )
 
     def compute_dtype(self, device: str) -> Any:
         import torch
@@ -120,10 +121,12 @@ def unpack_cpu_weights(model: Any) -> int:
 
     n = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight.quant_state, "packing_format_for_cpu",
-                                                             False):
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(
+            module.weight.quant_state, "packing_format_for_cpu", False
+        ):
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, module.weight.quant_state)
+                module.weight.data, module.weight.quant_state
+            )
             n += 1
     return n
 

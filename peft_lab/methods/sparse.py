@@ -61,8 +61,10 @@ class Method(lora.Method):
         if c.schedule not in ("oneshot", "gradual"):
             raise fail(f"method.schedule={c.schedule}", "use oneshot or gradual")
         if c.schedule == "gradual" and c.start_step >= 0 and c.end_step >= 0 and c.end_step <= c.start_step:
-            raise fail(f"method.end_step={c.end_step} is not after method.start_step={c.start_step}",
-                       "give end_step > start_step")
+            raise fail(
+                f"method.end_step={c.end_step} is not after method.start_step={c.start_step}",
+                "give end_step > start_step",
+            )
 
     def adapt(self, model: Any) -> Any:
         model = super().adapt(model)
@@ -125,9 +127,13 @@ class Method(lora.Method):
     def metrics(self, model: Any) -> dict[str, Any]:
         zeros = sum(int((p == 0).sum()) for p in self.factors.values())
         total = sum(p.numel() for p in self.factors.values())
-        return {"sparsity_target": self.cfg.sparsity, "sparsity_reached_target": self.current,
-                "sparsity_achieved": zeros / total if total else 0.0, "sparsity_criterion": self.cfg.criterion,
-                "sparsity_schedule": self.cfg.schedule}
+        return {
+            "sparsity_target": self.cfg.sparsity,
+            "sparsity_reached_target": self.current,
+            "sparsity_achieved": zeros / total if total else 0.0,
+            "sparsity_criterion": self.cfg.criterion,
+            "sparsity_schedule": self.cfg.schedule,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "current": self.current}

@@ -63,8 +63,10 @@ class Method(lora.Method):
             if not 0.0 <= getattr(c, key) < 1.0:
                 raise fail(f"method.{key}={getattr(c, key)} is outside [0, 1)", "give a fraction such as 0.5")
         if self.task == "masked_lm":
-            raise fail(f"SparseLoRA serves Llama-style decoders; model '{self.model_cfg.name}' is an encoder",
-                       "use method=lora (or hira/qlora/sparse) on this model, or a Llama-family model")
+            raise fail(
+                f"SparseLoRA serves Llama-style decoders; model '{self.model_cfg.name}' is an encoder",
+                "use method=lora (or hira/qlora/sparse) on this model, or a Llama-family model",
+            )
 
     def adapt(self, model: Any) -> Any:
         model = super().adapt(model)
@@ -83,9 +85,11 @@ class Method(lora.Method):
             mlp_s = 0.0 if dense else float(self.cfg.layer_sparsity.get(str(i), self.cfg.mlp_sparsity))
             attn_s = 0.0 if dense else self.cfg.attn_sparsity
             wrap_layer(layer, estimators[i], self.controller, mlp_s, attn_s, config)
-        log.info(f"SparseLoRA: {n} layers, dense {self.cfg.dense_first_layers} first / "
-                 f"{self.cfg.dense_last_layers} last; MLP sparsity {self.cfg.mlp_sparsity}, "
-                 f"attention {self.cfg.attn_sparsity}")
+        log.info(
+            f"SparseLoRA: {n} layers, dense {self.cfg.dense_first_layers} first / "
+            f"{self.cfg.dense_last_layers} last; MLP sparsity {self.cfg.mlp_sparsity}, "
+            f"attention {self.cfg.attn_sparsity}"
+        )
         return model
 
     def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
@@ -134,9 +138,11 @@ class Controller:
             total = sum(self.flops[k][0] for k in kinds)
             return 1.0 - sum(self.flops[k][1] for k in kinds) / total if total else 0.0
 
-        return {"sparselora_flops_skipped": skipped(["mlp", "attn"]),
-                "sparselora_mlp_flops_skipped": skipped(["mlp"]),
-                "sparselora_attn_flops_skipped": skipped(["attn"])}
+        return {
+            "sparselora_flops_skipped": skipped(["mlp", "attn"]),
+            "sparselora_mlp_flops_skipped": skipped(["mlp"]),
+            "sparselora_attn_flops_skipped": skipped(["attn"]),
+        }
 
 
 # ----------------------------------------------------------------------------- sparse linear
@@ -207,8 +213,10 @@ def _swap_base(parent: Any, attr: str, controller: Controller, mode: str, kind: 
     owner, name = (module, "base_layer") if hasattr(module, "base_layer") else (parent, attr)
     base = getattr(owner, name)
     if type(base) is not nn.Linear:
-        raise fail(f"SparseLoRA needs plain linear base layers, got {type(base).__name__} at {attr}",
-                   "do not combine SparseLoRA with quantisation or other adapters on the same layer")
+        raise fail(
+            f"SparseLoRA needs plain linear base layers, got {type(base).__name__} at {attr}",
+            "do not combine SparseLoRA with quantisation or other adapters on the same layer",
+        )
     sparse = _new_sparse_linear(base, controller, mode, kind)
     setattr(owner, name, sparse)
     return sparse
@@ -241,8 +249,13 @@ def build_estimators(layers: list, rank: int) -> list[dict]:
 
     from peft_lab.models import cache_root
 
-    names = {"gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"), "q": ("self_attn", "q_proj"),
-             "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj")}
+    names = {
+        "gate": ("mlp", "gate_proj"),
+        "up": ("mlp", "up_proj"),
+        "q": ("self_attn", "q_proj"),
+        "k": ("self_attn", "k_proj"),
+        "v": ("self_attn", "v_proj"),
+    }
     weights = [{k: _base_weight(getattr(getattr(layer, a), p)) for k, (a, p) in names.items()} for layer in layers]
     digest = hashlib.sha1(str(rank).encode())
     for w in weights:
