@@ -10,8 +10,8 @@ from conftest import TINY, read_metrics, sentiment_rows, write_parquet
 
 # Hydra rejects these at composition, with its own message, before the task runs.
 COMPOSITION_CASES = {
-    "unknown_key": (["method.foo=1"], "Key 'foo' is not in struct"),
-    "misspelt_key": (["train.batchsize=4"], "Key 'batchsize' is not in struct"),
+    "unknown_key": (["method.foo=1"], "Key 'foo' not in"),
+    "misspelt_key": (["train.batchsize=4"], "Key 'batchsize' not in 'TrainConfig'"),
     "wrong_type_int": (["method.r=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     "wrong_type_float": (["method.lr=fast"], "could not be converted to Float"),
     "unknown_group_option": (["dataset=sst3"], "Could not find 'dataset/sst3'"),
@@ -80,6 +80,12 @@ def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
         return [f"dataset.data_dir={sst2_dir}", "model.target_modules=[]"], "no target modules"
     if name == "unknown_target_modules":
         return [f"dataset.data_dir={sst2_dir}", "model.target_modules=[nope_proj]"], "not found in the model"
+    if name == "model_offline_not_cached":
+        return [f"dataset.data_dir={sst2_dir}", "model=hf", "model.name_or_path=some-org/not-cached-model"], (
+            "not in the Hub cache and the Hub is unreachable"
+        )
+    if name == "sparselora_on_an_encoder":
+        return [f"dataset.data_dir={sst2_dir}", "model=tiny-distilbert", "method=sparselora"], "is an encoder"
     if name == "hub_offline_no_local_copy":
         return [], "Hugging Face Hub is unreachable"
     raise KeyError(name)
@@ -102,6 +108,8 @@ DATA_CASES = [
     "no_target_modules",
     "unknown_target_modules",
     "hub_offline_no_local_copy",
+    "model_offline_not_cached",
+    "sparselora_on_an_encoder",
 ]
 
 

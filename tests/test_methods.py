@@ -358,10 +358,12 @@ def test_sparselora_patches_nothing_globally(compose):
 def test_sparselora_rejects_an_encoder_at_start_up(compose):
     from peft_lab.errors import UserError
 
-    cfg = _cfg(compose, "sparselora", "sst2", "model=tiny-distilbert")
+    for dataset in ("sst2", "wikitext2"):
+        cfg = _cfg(compose, "sparselora", dataset, "model=tiny-distilbert")
+        with pytest.raises(UserError, match="encoder"):
+            build_model(cfg)  # validate() runs before any weights load
+    # a model config that claims to be a decoder but is not Llama-shaped still fails before training
+    cfg = _cfg(compose, "sparselora", "sst2", "model=tiny-distilbert", "model.tasks=[classification,causal_lm]")
     loaded, method, _ = build_model(cfg)
     with pytest.raises(UserError, match="Llama-style decoder"):
         method.adapt(loaded.model)
-    cfg = _cfg(compose, "sparselora", "wikitext2", "model=tiny-distilbert")
-    with pytest.raises(UserError, match="encoder"):
-        build_model(cfg)

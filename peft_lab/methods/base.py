@@ -100,16 +100,17 @@ class Method:
 
 
 def make_peft_model(model: Any, peft_config: Any) -> Any:
-    """``get_peft_model`` with PEFT's target errors turned into a user message."""
+    """``get_peft_model`` with PEFT's target-matching errors turned into a user message."""
     from peft import get_peft_model
 
     try:
         return get_peft_model(model, peft_config)
-    except ValueError as err:
-        if "not found in the base model" in str(err) or "Target modules" in str(err):
-            raise fail(
-                f"target modules {sorted(peft_config.target_modules)} not found in the model ({err})",
-                "set model.target_modules (or method.target_modules) to linear layer names "
-                "that exist in this architecture",
-            ) from None
-        raise
+    except ValueError as err:  # NoMatchingPeftModuleError and "Target modules ... not found" are ValueErrors
+        text = str(err)
+        if "not found in the base model" not in text and "No modules were targeted" not in text:
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise fail(
+            f"target modules {sorted(peft_config.target_modules)} not found in the model (its linear layers: {linear})",
+            "set model.target_modules (or method.target_modules) to linear layer names that exist in this architecture",
+        ) from None

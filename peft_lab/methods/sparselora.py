@@ -62,7 +62,8 @@ class Method(lora.Method):
         for key in ("mlp_sparsity", "attn_sparsity", "warmup_frac"):
             if not 0.0 <= getattr(c, key) < 1.0:
                 raise fail(f"method.{key}={getattr(c, key)} is outside [0, 1)", "give a fraction such as 0.5")
-        if self.task == "masked_lm":
+        tasks = {str(getattr(t, "value", t)) for t in self.model_cfg.tasks}
+        if self.task == "masked_lm" or ("masked_lm" in tasks and "causal_lm" not in tasks):
             raise fail(
                 f"SparseLoRA serves Llama-style decoders; model '{self.model_cfg.name}' is an encoder",
                 "use method=lora (or hira/qlora/sparse) on this model, or a Llama-family model",
