@@ -50,7 +50,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run_cell(cfg, run_dir, record, group, t0)
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        # SystemExit / KeyboardInterrupt here is a preemption or timeout signal (submitit requeues the
+        # task, which resumes from its checkpoint): the run is interrupted, not failed.
+        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+        record.update(status="interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}")
         write_json_atomic(run_dir / METRICS_FILE, record)
         if isinstance(err, UserError) and not multirun:
             log.error(str(err))

@@ -122,8 +122,23 @@ class LoggerConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where sweep cells run. ``local`` uses ``parallel``; ``slurm`` (and site profiles built on it)
+    feeds the rest into ``hydra.launcher.*`` (conf/cluster/slurm.yaml); null leaves a key to the site."""
+
     name: str = MISSING
     parallel: int = 1  # local: cells run at once
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    timeout_min: int = 60
+    array_parallelism: int = 256  # array tasks running at once
+    constraint: Optional[str] = None
+    setup: List[str] = field(default_factory=list)  # shell lines run in the sbatch script before the cell
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra sbatch options
+    max_num_timeout: int = 3  # requeues after a timeout (preemptions requeue without limit)
 
 
 @dataclass

@@ -1,9 +1,16 @@
-"""Sweeps: each cell in its own process, completed cells skipped, a summary at the end.
+"""Sweeps: each cell in its own process or SLURM array task, completed cells skipped, a summary at the end.
 
 ``launch_local`` is what the ``cluster=local`` launcher runs. Every cell is a fresh
 ``python -m peft_lab.cell`` process, so seeds, CUDA peak-memory counters and
 patched modules cannot leak from one cell to the next, and a crash (even a
 segfault or an out-of-memory kill) ends only that cell.
+
+``launch_slurm`` is what ``cluster=slurm`` runs: the cells that still need to run go
+out as ONE array job (hydra-submitit-launcher's ``SlurmLauncher``), the submitting
+process waits for every task and never raises on a failed one. Both launchers share
+the rest: deterministic run dirs (``prepare_cells``), skipping completed cells, the
+manifest that ``python -m peft_lab.status`` reads, and the summary / failure report
+(``finish_sweep``).
 """
 
 from __future__ import annotations
@@ -13,18 +20,21 @@ import io
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CELLS_DIR = ".cells"
+MANIFEST_FILE = "manifest.json"  # <sweep>/.cells/manifest.json: every cell, its run dir, job id and log
 
 
 @dataclass
@@ -37,6 +47,7 @@ class Cell:
     log_path: Optional[Path] = None
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)
+    job_id: str = ""  # SLURM: <array job>_<task>
 
     @property
     def name(self) -> str:
@@ -54,16 +65,14 @@ def is_completed(run_dir: Path) -> bool:
     return read_metrics(run_dir).get("status") == "completed"
 
 
-def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import JobReturn, JobStatus
-
+def prepare_cells(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list]:
+    """Each cell's deterministic run dir, derived as Hydra's own launchers do (``load_sweep_config`` +
+    ``hydra.sweep.subdir``); cells whose metrics.json says completed are marked skipped."""
     config = launcher.config
-    parallel = launcher.parallel or int(config.cluster.parallel or 1)
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-    cells_dir = sweep_dir / CELLS_DIR
-    cells_dir.mkdir(parents=True, exist_ok=True)
-
+    (sweep_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+    if "mode" in config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
     cells = []
     for offset, overrides in enumerate(job_overrides):
         cell = Cell(initial_job_idx + offset, list(overrides))
@@ -73,32 +82,60 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         except Exception as err:  # a bad override in one cell fails that cell only
             cell.status, cell.error = "failed", f"config error: {err}".replace("\n", " ")
         cells.append(cell)
-
-    pending = [c for c in cells if c.status == "pending"]
-    for cell in pending:
-        if is_completed(cell.run_dir):
+    for cell in cells:
+        if cell.status == "pending" and is_completed(cell.run_dir):
             cell.status, cell.metrics = "skipped", read_metrics(cell.run_dir)
-    pending = [c for c in pending if c.status == "pending"]
-    skipped = len([c for c in cells if c.status == "skipped"])
-    log.info(
-        f"Sweep {sweep_dir}: {len(cells)} cells, {skipped} already completed (skipped), "
-        f"{len(pending)} to run, {parallel} at a time"
-    )
+    return sweep_dir, cells
 
-    import cloudpickle
 
-    state = {
-        "hydra_context": launcher.hydra_context,
-        "task_function": launcher.task_function,
-        "config": config,
-        "singleton_state": Singleton.get_state(),
-    }
-    state_path = cells_dir / "launcher.pkl"
-    state_path.write_bytes(cloudpickle.dumps(state))
+def log_plan(sweep_dir: Path, cells: list, how: str) -> None:
+    pending = sum(c.status == "pending" for c in cells)
+    skipped = sum(c.status == "skipped" for c in cells)
+    log.info(f"Sweep {sweep_dir}: {len(cells)} cells, {skipped} already completed (skipped), {pending} to run, {how}")
 
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    _run_cells(pending, state_path, cells_dir, parallel, threads)
 
+def write_manifest(sweep_dir: Path, cells: list, launcher: str, **extra: Any) -> None:
+    """Record every cell (run dir, launcher, job id, log) for ``python -m peft_lab.status``.
+
+    Entries of an earlier launch into the same sweep dir that this launch does not cover are kept.
+    """
+    old = read_manifest(sweep_dir)
+    entries = {e["name"]: e for e in old.get("cells", [])}
+    stamp = {"launcher": launcher, "host": socket.gethostname(), "launcher_pid": os.getpid()}
+    for c in cells:
+        prev = entries.get(c.name, {})
+        same_job = bool(c.job_id) and prev.get("job_id") == c.job_id
+        submitted = prev.get("submitted_at") if same_job else (extra.get("submitted_at") if c.job_id else None)
+        entries[c.name] = {
+            "idx": c.idx,
+            "name": c.name,
+            "overrides": c.overrides,
+            "run_dir": str(c.run_dir) if c.run_dir else None,
+            "status": c.status,
+            "error": c.error,
+            "job_id": c.job_id,
+            "submitted_at": submitted,
+            "log": str(c.log_path) if c.log_path else None,
+            **stamp,
+        }
+    data = {k: v for k, v in old.items() if k != "cells"} if old.get("launcher_pid") == os.getpid() else {}
+    data.update(stamp, sweep_dir=str(sweep_dir), updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+    data["cells"] = sorted(entries.values(), key=lambda e: (e.get("idx", 0), e["name"]))
+    _atomic_write(sweep_dir / CELLS_DIR / MANIFEST_FILE, json.dumps(data, indent=1))
+
+
+def read_manifest(sweep_dir: Path) -> dict:
+    try:
+        return json.loads((Path(sweep_dir) / CELLS_DIR / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
+    """Summary files + table; exit 1 naming each failed cell and its log; else Hydra's JobReturns."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    write_manifest(sweep_dir, cells, launcher, finished=True)
     rows = write_summary(sweep_dir, cells)
     print(rows, flush=True)
     failed = [c for c in cells if c.status == "failed"]
@@ -118,6 +155,38 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         ret._return_value = (c.metrics or {}).get("main_metric_value")
         returns.append(ret)
     return returns
+
+
+# ----------------------------------------------------------------------------- local
+
+
+def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+    from hydra.core.singleton import Singleton
+
+    config = launcher.config
+    parallel = launcher.parallel or int(config.cluster.parallel or 1)
+    sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
+    cells_dir = sweep_dir / CELLS_DIR
+    pending = [c for c in cells if c.status == "pending"]
+    for cell in pending:
+        cell.log_path = cells_dir / f"cell_{cell.idx}.log"
+    log_plan(sweep_dir, cells, f"{parallel} at a time")
+    write_manifest(sweep_dir, cells, "local", finished=False)
+
+    import cloudpickle
+
+    state = {
+        "hydra_context": launcher.hydra_context,
+        "task_function": launcher.task_function,
+        "config": config,
+        "singleton_state": Singleton.get_state(),
+    }
+    state_path = cells_dir / "launcher.pkl"
+    state_path.write_bytes(cloudpickle.dumps(state))
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    _run_cells(pending, state_path, cells_dir, parallel, threads)
+    return finish_sweep(sweep_dir, cells, "local")
 
 
 def _run_cells(cells: list[Cell], state_path: Path, cells_dir: Path, parallel: int, threads: int) -> None:
@@ -169,6 +238,185 @@ def _collect(cell: Cell, returncode: int, cells_dir: Path) -> None:
     cell.error = result.get("error") or f"process exited with code {returncode}"
     if (cell.run_dir / "train.log").exists() and not cell.log_path:
         cell.log_path = cell.run_dir / "train.log"
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+    """The cells still to run as ONE array job; wait for every task; never raise on a failed one."""
+    from hydra.core.singleton import Singleton
+
+    sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
+    pending = [c for c in cells if c.status == "pending"]
+    params = launcher.params
+    attached = _attach_live_tasks(sweep_dir, pending)
+    to_submit = [c for c in pending if c.job_id == ""]
+    how = f"as one SLURM array job (partition {params.get('partition') or 'default'})"
+    if attached:
+        how += f"; {len(attached)} still queued or running from an earlier launch: waiting for those instead"
+    log_plan(sweep_dir, cells, how)
+    write_manifest(sweep_dir, cells, "slurm", finished=False)
+    if not pending:
+        return finish_sweep(sweep_dir, cells, "slurm")
+
+    submitted = time.time()
+    jobs, array_id = [], ""
+    if to_submit:
+        executor = _slurm_executor(params)
+        state = Singleton.get_state()
+        job_args = [(c.overrides, "hydra.sweep.dir", c.idx, f"job_id_for_{c.idx}", state) for c in to_submit]
+        jobs = executor.map_array(launcher, *zip(*job_args))
+        for cell, job in zip(to_submit, jobs):
+            cell.job_id, cell.log_path = str(job.job_id), Path(job.paths.stderr)
+            log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}  (task {cell.job_id})")
+        array_id = str(jobs[0].job_id).split("_")[0]
+        write_manifest(sweep_dir, cells, "slurm", finished=False, array_job_id=array_id, submitted_at=submitted)
+        log.info(
+            f"Submitted array job {array_id} ({len(jobs)} tasks). It runs on if this process dies; "
+            f"watch it with: python -m peft_lab.status {sweep_dir}"
+        )
+    ids = sorted({c.job_id.split("_")[0] for c in pending})
+    try:
+        _wait_slurm(list(zip(to_submit, jobs)) + attached)
+    except KeyboardInterrupt:
+        print(
+            f"\nStopped waiting; SLURM job(s) {', '.join(ids)} keep running.\n"
+            f"  watch:  python -m peft_lab.status {sweep_dir}\n  cancel: scancel {' '.join(ids)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
+    log.info(f"All {len(pending)} tasks done {time.time() - submitted:.1f}s after submission (job {', '.join(ids)})")
+    return finish_sweep(sweep_dir, cells, "slurm")
+
+
+def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:
+    """Cells whose task from an earlier launch into this sweep dir is still queued or running (its
+    submitting shell died, say): wait for that task rather than start a second one on the same run dir."""
+    from peft_lab.status import squeue_states
+
+    earlier = {e["name"]: e for e in read_manifest(sweep_dir).get("cells", []) if e.get("job_id") and e.get("log")}
+    candidates = [c for c in pending if c.name in earlier]
+    if not candidates:
+        return []
+    live = squeue_states({str(earlier[c.name]["job_id"]).split("_")[0] for c in candidates}) or {}
+    attached = []
+    for cell in candidates:
+        entry = earlier[cell.name]
+        if entry["job_id"] not in live:
+            continue
+        import submitit
+
+        folder = Path(entry["log"]).parent.parent / "%j"
+        cell.job_id, cell.log_path = str(entry["job_id"]), Path(entry["log"])
+        attached.append((cell, submitit.SlurmJob(folder=folder, job_id=cell.job_id)))
+        log.info(f"#{cell.idx} {cell.name}: task {cell.job_id} is {live[cell.job_id]['state'].lower()}; waiting for it")
+    return attached
+
+
+def _slurm_executor(params: dict) -> Any:
+    """The executor hydra-submitit-launcher's ``BaseSubmititLauncher.launch`` builds, from the same params."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    init_keys = {"submitit_folder", "max_num_timeout"}
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params["submitit_folder"], slurm_max_num_timeout=int(params["max_num_timeout"])
+    )
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys})
+    return executor
+
+
+def _wait_slurm(pending: list, poll_s: Optional[float] = None) -> None:
+    """Collect each task as it finishes (result file, or sacct's final state for a task killed without one).
+
+    A requeued task is not finished: submitit (sacct) reports it as REQUEUED/PENDING until it runs again.
+    """
+    remaining = list(pending)
+    poll_s = poll_s or (1.0 if len(pending) <= 64 else 5.0)  # each check stats a result file per task
+    while remaining:
+        for item in list(remaining):
+            cell, job = item
+            if not job.done():
+                continue
+            remaining.remove(item)
+            err = None
+            try:
+                ret = job.result()
+                if getattr(ret, "status", None) is not None and ret.status.name != "COMPLETED":
+                    err = ret._return_value
+            except Exception as exc:  # FailedJobError, UncompletedJobError, ...: this cell only
+                err = exc
+            _collect_slurm(cell, err)
+            value = cell.metrics.get("main_metric_value")
+            shown = f"{cell.metrics.get('main_metric')} = {value:.4f}" if value is not None else cell.error
+            log.info(f"#{cell.idx} {cell.name} (task {cell.job_id}): {cell.status}  {shown}")
+        if remaining:
+            time.sleep(poll_s)
+
+
+def _collect_slurm(cell: Cell, err: Optional[BaseException]) -> None:
+    cell.metrics = read_metrics(cell.run_dir)
+    if err is None and cell.metrics.get("status") == "completed":
+        cell.status = "completed"
+        return
+    cell.status = "failed"
+    # the task's own traceback first: metrics.json may still hold an earlier attempt's error
+    cell.error = _short_error(err)
+    if not cell.error and cell.metrics.get("status") == "failed" and cell.metrics.get("error"):
+        cell.error = str(cell.metrics["error"]).replace("\n", " ")[:500]
+    cell.error = cell.error or "task ended without a result"
+
+
+def _short_error(err: Optional[BaseException]) -> str:
+    """One line from submitit's errors: the exception line of a task's traceback
+    ("peft_lab.errors.UserError: ..." -> "UserError: ..."), else the first line."""
+    if err is None:
+        return ""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
+    if not lines:
+        return type(err).__name__
+    if "Traceback" in text:
+        line = next(
+            (ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", ln)), lines[-1]
+        )
+        line = re.sub(r"^(?:\w+\.)+(?=\w+(?::|$))", "", line)
+    else:
+        line = " ".join(
+            lines[:2]
+        )  # UncompletedJobError: "Job 7_3 (task: 0) with path ... / has not produced any output (state: ...)"
+    return line[:500]
+
+
+def run_slurm_task(call: Callable[[], Any]) -> Any:
+    """Inside an array task (and again after a requeue): run the cell; raise if it failed.
+
+    Raising makes SLURM record the task as FAILED and submitit store the traceback, which
+    the submitting process reports. The run dir is derived from the overrides, so a
+    requeued task finds its checkpoint and resumes from it (train.resume=true).
+    """
+    from hydra.core.utils import JobStatus
+
+    import peft_lab.config  # noqa: F401  (the cell_dir resolver the run dir needs)
+    from peft_lab.errors import UserError
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and not os.environ.get("PEFT_LAB_THREADS"):
+        os.environ["PEFT_LAB_THREADS"] = cpus  # the allocation, not every core of the node
+    ret = call()
+    if ret.status != JobStatus.COMPLETED:
+        err = ret._return_value
+        if isinstance(err, UserError):
+            print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
+        raise err
+    return ret
+
+
+# ----------------------------------------------------------------------------- summary
 
 
 def summary_rows(cells: list[Cell]) -> list[dict]:

@@ -177,8 +177,14 @@ def test_cells_do_not_leak_state(run_cli, tmp_path):
 def test_encoder_grid_reports_masked_lm_perplexity(run_cli, tmp_path):
     """DistilBERT-style encoder: classification on sst2, masked LM (labelled as such) on wikitext2."""
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "experiment=smoke", "logger=none", "model=tiny-distilbert", "dataset=sst2,wikitext2",
-                   f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "experiment=smoke",
+        "logger=none",
+        "model=tiny-distilbert",
+        "dataset=sst2,wikitext2",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     by_ds = {m["dataset"]: m for m in _cells(sweep).values()}
     assert by_ds["sst2"]["task"] == "classification" and "accuracy" in by_ds["sst2"]["eval"]

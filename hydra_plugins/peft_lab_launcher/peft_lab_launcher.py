@@ -1,8 +1,8 @@
-"""Hydra launcher plugin: each cell of a sweep in its own process (cluster=local).
+"""Hydra launcher plugins: each sweep cell in its own process (cluster=local) or SLURM array task (cluster=slurm).
 
 Hydra only instantiates launchers that live in the ``hydra_plugins`` package; the
 logic is in ``peft_lab.sweep``. Plugin discovery imports this module, so it stays
-light (no torch).
+light (no torch, no submitit: hydra-submitit-launcher imports submitit lazily too).
 """
 
 from dataclasses import dataclass
@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
+from hydra_plugins.hydra_submitit_launcher import config as submitit_config
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 
 @dataclass
@@ -18,7 +20,17 @@ class PeftLabLocalConf:
     parallel: Optional[int] = None  # null: cluster.parallel
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="peft_lab_local", node=PeftLabLocalConf, provider="peft_lab")
+@dataclass
+class PeftLabSlurmConf(submitit_config.SlurmQueueConf):
+    """hydra-submitit-launcher 1.2.0's SLURM schema (no ``srun_args``: use ``additional_parameters``)."""
+
+    _target_: str = "hydra_plugins.peft_lab_launcher.peft_lab_launcher.SlurmCellLauncher"
+    max_num_timeout: int = 3  # runs resume from their checkpoint, so a timed-out task may be requeued
+
+
+cs = ConfigStore.instance()
+cs.store(group="hydra/launcher", name="peft_lab_local", node=PeftLabLocalConf, provider="peft_lab")
+cs.store(group="hydra/launcher", name="peft_lab_slurm", node=PeftLabSlurmConf, provider="peft_lab")
 
 
 class LocalCellLauncher(Launcher):
@@ -33,3 +45,36 @@ class LocalCellLauncher(Launcher):
         from peft_lab.sweep import launch_local
 
         return launch_local(self, job_overrides, initial_job_idx)
+
+
+class SlurmCellLauncher(submitit_launcher.SlurmLauncher):
+    """The grid as one array job; completed cells skipped; failures collected, never raised.
+
+    ``__call__`` is what each array task runs (and what submitit's ``checkpoint`` resubmits
+    after a preemption or timeout); ``launch`` runs in the submitting process.
+
+    Hydra's plugin scan re-executes this module inside a task after the task has unpickled
+    its launcher, so the class object of ``self`` is no longer the module's: no ``super()``
+    here, and ``checkpoint`` rebuilds the launcher from the module's current class so the
+    requeued call is pickled by reference (not as a copy of the class's code).
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from peft_lab.sweep import run_slurm_task
+
+        return run_slurm_task(lambda: submitit_launcher.BaseSubmititLauncher.__call__(self, *args, **kwargs))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import sys
+
+        import submitit
+
+        cls = getattr(sys.modules[__name__], type(self).__name__)
+        fresh = cls.__new__(cls)
+        fresh.__dict__.update(self.__dict__)
+        return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        from peft_lab.sweep import launch_slurm
+
+        return launch_slurm(self, job_overrides, initial_job_idx)

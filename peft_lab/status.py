@@ -1,0 +1,375 @@
+"""``python -m peft_lab.status <sweep dir>``: where each cell of a sweep stands.
+
+Works from any shell, while the sweep runs, after it ended, and after the submitting
+shell died (SLURM jobs live on). It only reads:
+
+- ``<sweep>/.cells/manifest.json`` (written by the launchers: cells, run dirs, job ids, logs);
+- each run dir: ``metrics.json`` (status, main metric), ``checkpoint/state.json`` (last saved
+  step) and the ``step k/N`` / ``Resumed from step k`` lines of ``train.log``;
+- SLURM: ``squeue`` (live state of queued/running tasks) and ``sacct`` (final states and
+  requeued attempts), when those commands answer; else submitit's result pickles.
+
+States: pending, running, requeued (waiting to run again after a preemption, timeout or
+``scontrol requeue``), completed, failed. Light: no torch, no submitit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from peft_lab.sweep import CELLS_DIR, METRICS_FILE, read_manifest, read_metrics
+
+RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED", "STOPPED", "RESV_DEL_HOLD"}
+WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED", "STOPPED"}
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "REVOKED"}
+
+_STEP_RE = re.compile(r"\bstep (\d+)/(\d+)\b")
+_RESUMED_RE = re.compile(r"Resumed from step (\d+)")
+_TOTAL_RE = re.compile(r"Training (\d+) steps")
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def _run(cmd: list[str], timeout: float = 15.0) -> Optional[str]:
+    if not shutil.which(cmd[0]):
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0 and "Invalid job id" in proc.stderr:
+        return ""  # squeue: none of these jobs is known any more (ended more than MinJobAge ago)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def squeue_states(array_ids: set[str]) -> Optional[dict[str, dict]]:
+    """{task id: {state, reason}} for tasks still queued or running; None when squeue does not answer."""
+    if not array_ids:
+        return {}
+    out = _run(["squeue", "-h", "-r", "-j", ",".join(sorted(array_ids)), "-o", "%i|%T|%r"])
+    if out is None:
+        return None
+    states = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = {"state": parts[1].split()[0], "reason": parts[2]}
+    return states
+
+
+def sacct_states(array_ids: set[str]) -> Optional[dict[str, dict]]:
+    """{task id: {state, requeues}} from accounting (every attempt, -D); None without accounting."""
+    if not array_ids:
+        return {}
+    out = _run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(sorted(array_ids)), "-o", "JobID,State,ExitCode"])
+    if out is None:
+        return None
+    states: dict[str, dict] = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 2 or "[" in parts[0]:  # "12_[3-11]": tasks not started yet (squeue lists them)
+            continue
+        entry = states.setdefault(parts[0], {"state": "", "requeues": 0, "exit_code": ""})
+        state = parts[1].split()[0]  # "CANCELLED by 0"
+        if state == "REQUEUED":
+            entry["requeues"] += 1
+        entry["state"], entry["exit_code"] = state, parts[2] if len(parts) > 2 else ""
+    return states
+
+
+def submitit_result(entry: dict) -> Optional[str]:
+    """'success' / 'error' from the task's submitit result pickle; None while there is none."""
+    log = entry.get("log")
+    job = entry.get("job_id")
+    if not log or not job:
+        return None
+    path = Path(log).with_name(f"{job}_0_result.pkl")
+    if not path.exists():
+        return None
+    try:
+        with path.open("rb") as f:
+            return str(pickle.load(f)[0])
+    except Exception:  # unreadable (being written, or needs a module we do not have): it exists
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- run dirs
+
+
+def progress(run_dir: Optional[Path], metrics: dict) -> dict:
+    """Step reached (k) and total (N) from train.log's last attempt, the step it resumed from, and the
+    step of the last checkpoint (where a requeued run will resume)."""
+    out = {"step": None, "total": None, "resumed_from": None, "checkpoint_step": None}
+    if run_dir is None:
+        return out
+    if metrics.get("status") == "completed":
+        steps = metrics.get("steps")
+        out.update(step=steps, total=steps, resumed_from=metrics.get("resumed_from_step"), checkpoint_step=steps)
+        return out
+    try:
+        out["checkpoint_step"] = int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        with (run_dir / "train.log").open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4_000_000))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    resume = None
+    for line in text.splitlines():  # an attempt logs "Resumed from step k" (if any), then "Training N steps"
+        if m := _RESUMED_RE.search(line):
+            resume = int(m.group(1))
+        elif m := _TOTAL_RE.search(line):
+            out.update(total=int(m.group(1)), step=resume or 0, resumed_from=resume)
+            resume = None
+        elif m := _STEP_RE.search(line):
+            out["step"], out["total"] = int(m.group(1)), int(m.group(2))
+    if out["step"] is None:
+        out["step"] = out["checkpoint_step"]
+    return out
+
+
+def _ran_since(run_dir: Path, metrics: dict, submitted_at: Optional[float]) -> bool:
+    """Did this cell's current job already run (so waiting again means requeued)? Its metrics.json or
+    checkpoint is newer than the submission; without a submission time, whether either exists."""
+    ckpt = run_dir / "checkpoint" / "state.json"
+    if submitted_at is None:
+        return bool(metrics) or ckpt.exists()
+    try:
+        if time.mktime(time.strptime(metrics["started_at"], "%Y-%m-%dT%H:%M:%S")) >= submitted_at - 1:
+            return True
+    except (KeyError, TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return ckpt.stat().st_mtime >= submitted_at
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: Optional[int], host: Optional[str]) -> Optional[bool]:
+    """None when it cannot be told (another host)."""
+    if not pid or (host and host != socket.gethostname()):
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def discover(sweep_dir: Path) -> list[dict]:
+    """Cells of a sweep without a manifest: run dirs holding metrics.json or .hydra/."""
+    entries = []
+    for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (d / METRICS_FILE).exists() or (d / ".hydra").exists():
+            entries.append({"name": d.name, "run_dir": str(d), "status": "pending", "job_id": "", "log": None})
+    return entries
+
+
+def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict]) -> dict:
+    run_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
+    metrics = read_metrics(run_dir) if run_dir else {}
+    job = entry.get("job_id") or ""
+    prog = progress(run_dir, metrics)
+    row = {
+        "cell": entry["name"],
+        "state": "pending",
+        "step": prog["step"],
+        "total": prog["total"],
+        "resumed_from": prog["resumed_from"],
+        "metric": metrics.get("main_metric"),
+        "value": metrics.get("main_metric_value"),
+        "job_id": job,
+        "slurm_state": "",
+        "requeues": 0,
+        "log": entry.get("log") or (str(run_dir / "train.log") if run_dir and (run_dir / "train.log").exists() else ""),
+        "run_dir": str(run_dir) if run_dir else "",
+        "note": "",
+    }
+    mstatus = metrics.get("status")
+    if mstatus == "completed":
+        row["state"] = "completed"
+        if entry.get("status") == "skipped":
+            row["note"] = "skipped (completed earlier)"
+        return row
+    if run_dir is None:  # the cell's config did not compose
+        row.update(state="failed", note=entry.get("error", ""))
+        return row
+    if job:
+        q = (queue or {}).get(job)
+        a = (acct or {}).get(job, {})
+        row["requeues"] = a.get("requeues", 0)
+        slurm = q["state"] if q else a.get("state", "")
+        row["slurm_state"] = slurm
+        if slurm in RUNNING and slurm != "RUNNING" and a.get("state") == "REQUEUED":
+            row.update(state="requeued", note="stopping; will run again")  # COMPLETING after a requeue
+        elif slurm in RUNNING:
+            row["state"] = "running"
+            if row["requeues"]:
+                row["note"] = f"requeued {row['requeues']}x"
+        elif slurm in WAITING:
+            attempted = row["requeues"] > 0 or _ran_since(run_dir, metrics, entry.get("submitted_at"))
+            row["state"] = "requeued" if slurm in REQUEUED or attempted else "pending"
+            if row["state"] == "requeued" and prog["checkpoint_step"] is not None:
+                row["step"] = prog["checkpoint_step"]  # where it will resume
+            if q and q.get("reason") not in ("", "None", None):
+                row["note"] = q["reason"]
+        elif slurm in FAILED or slurm == "COMPLETED":  # COMPLETED without completed metrics: no result
+            row.update(state="failed", note=metrics.get("error") or f"SLURM state {slurm}")
+        else:  # no SLURM answer (no client, no accounting, sacct lag): submitit's files
+            result = submitit_result(entry)
+            if result == "error" or mstatus == "failed":
+                row.update(state="failed", note=metrics.get("error") or "task raised (see log)")
+            elif result is not None:
+                row.update(state="failed", note="task ended without completed metrics")
+            elif queue is not None and acct is not None:
+                row.update(state="failed", note="not in the queue and no result")
+            elif mstatus == "running":
+                row["state"] = "running"
+        return row
+    # local launcher (or no job id): the run dir and the processes
+    if mstatus == "failed":
+        row.update(state="failed", note=metrics.get("error", ""))
+    elif mstatus == "interrupted":
+        row.update(state="failed", note="interrupted; re-run the sweep to resume from its checkpoint")
+    elif mstatus == "running":
+        alive = _pid_alive(metrics.get("pid"), entry.get("host"))
+        if alive is False:
+            row.update(state="failed", note="interrupted (its process is gone); re-run the sweep to resume")
+        else:
+            row["state"] = "running"
+    elif entry.get("status") == "failed":
+        row.update(state="failed", note=entry.get("error", ""))
+    return row
+
+
+def collect(sweep_dir: Path) -> dict:
+    sweep_dir = Path(sweep_dir).absolute()
+    manifest = read_manifest(sweep_dir)
+    entries = manifest.get("cells") or discover(sweep_dir)
+    array_ids = {str(e["job_id"]).split("_")[0] for e in entries if e.get("job_id")}
+    queue = squeue_states(array_ids)
+    acct = sacct_states(array_ids)
+    rows = [cell_state(e, queue, acct) for e in entries]
+    submitter = _pid_alive(manifest.get("launcher_pid"), manifest.get("host"))
+    return {
+        "sweep_dir": str(sweep_dir),
+        "launcher": manifest.get("launcher", ""),
+        "array_job_ids": sorted(array_ids),
+        "submitter_pid": manifest.get("launcher_pid"),
+        "submitter_alive": submitter,
+        "finished": manifest.get("finished"),
+        "slurm_queue": queue is not None,
+        "slurm_accounting": acct is not None,
+        "cells": rows,
+        "counts": {
+            s: sum(r["state"] == s for r in rows) for s in ("pending", "running", "requeued", "completed", "failed")
+        },
+    }
+
+
+def render(info: dict) -> str:
+    head = f"Sweep {info['sweep_dir']}"
+    if info["launcher"]:
+        head += f"  (launcher {info['launcher']}"
+        if info["array_job_ids"]:
+            head += f", array job {', '.join(info['array_job_ids'])}"
+        if info["submitter_pid"]:
+            alive = {True: "running", False: "done" if info["finished"] else "gone", None: "on another host"}[
+                info["submitter_alive"]
+            ]
+            head += f", submitter pid {info['submitter_pid']} {alive}"
+        head += ")"
+    counts = ", ".join(f"{n} {s}" for s, n in info["counts"].items() if n)
+    table_rows = []
+    for r in info["cells"]:
+        step = "-" if r["step"] is None else str(r["step"])
+        if r["total"] is not None and r["step"] is not None:
+            step = f"{r['step']}/{r['total']}"
+        if r["resumed_from"]:
+            step += f" (resumed from {r['resumed_from']})"
+        value = "" if r["value"] is None else f"{r['value']:.4f}"
+        table_rows.append(
+            {
+                "cell": r["cell"],
+                "state": r["state"],
+                "step": step,
+                "metric": r["metric"] or "",
+                "value": value,
+                "job": r["job_id"],
+                "log": r["log"],
+                "note": r["note"][:120],
+            }
+        )
+    cols = ["cell", "state", "step", "metric", "value", "job", "log", "note"]
+    if not any(r["job"] for r in table_rows):
+        cols.remove("job")
+    widths = {k: max([len(k)] + [len(r[k]) for r in table_rows]) for k in cols}
+    lines = [head, f"{len(table_rows)} cells: {counts or 'none'}"]
+    lines.append(" | ".join(k.ljust(widths[k]) for k in cols).rstrip())
+    lines.append("-|-".join("-" * widths[k] for k in cols))
+    lines += [" | ".join(r[k].ljust(widths[k]) for k in cols).rstrip() for r in table_rows]
+    if info["submitter_alive"] is False and not info["finished"]:
+        lines.append(
+            "The submitting process is gone; its tasks run on. Once none is pending or running, re-run the "
+            f"sweep command with hydra.sweep.dir={info['sweep_dir']} to write the summary (completed cells are skipped)."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_lab.status",
+        description="Where each cell of a sweep stands: pending / running / requeued / completed / failed, "
+        "step, main metric and log; from the run dirs, the launcher's manifest and SLURM (squeue/sacct).",
+    )
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the state as JSON")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until no cell waits")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(
+            f"peft_lab: error: {args.sweep_dir} is not a directory. Fix: give a sweep dir (hydra.sweep.dir)",
+            file=sys.stderr,
+        )
+        return 2
+    if not (args.sweep_dir / CELLS_DIR).is_dir() and not discover(args.sweep_dir):
+        print(
+            f"peft_lab: error: {args.sweep_dir} holds no sweep cells. Fix: give a sweep dir (hydra.sweep.dir)",
+            file=sys.stderr,
+        )
+        return 2
+    while True:
+        info = collect(args.sweep_dir)
+        print(json.dumps(info, indent=1) if args.json else render(info), flush=True)
+        busy = info["counts"]["pending"] + info["counts"]["running"] + info["counts"]["requeued"]
+        if not args.watch or not busy:
+            return 0
+        time.sleep(args.watch)
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
