@@ -191,3 +191,39 @@ def test_encoder_grid_reports_masked_lm_perplexity(run_cli, tmp_path):
     lm = by_ds["wikitext2"]
     assert lm["task"] == "masked_lm" and lm["main_metric"] == "mlm_perplexity"
     assert "perplexity" not in lm["eval"] and lm["eval"]["mlm_perplexity"] > 1
+
+
+def test_local_run_killed_then_restarted_resumes(cli_env, tmp_path):
+    """Kill a local run after its first checkpoint; the same command resumes from it, not from step 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=smoke",
+        "logger=none",
+        "dataset=sst2",
+        "train.max_steps=400",
+        "train.checkpoint_every=20",
+        "train.log_every=20",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "no checkpoint was written before the kill"
+    done = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = read_metrics(run_dir)
+    assert m["status"] == "completed" and m["steps"] == 400 and m["resumed_from_step"] >= 20
+    assert f"Resumed from step {m['resumed_from_step']} " in (run_dir / "train.log").read_text()
