@@ -14,31 +14,30 @@ def _cells(sweep: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
 
 
-@pytest.fixture(scope="module")
-def smoke_sweep(tmp_path_factory, cli_env):
-    """`python train.py -m method=lora dataset=sst2,imdb,wikitext2 experiment=smoke`, run once for the module."""
+def _smoke_grid(sweep: Path, env: dict):
+    """The README's smoke command, into a given sweep dir."""
     import subprocess
     import sys
 
     from conftest import REPO
 
-    sweep = tmp_path_factory.mktemp("smoke") / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "-m",
-            "method=lora",
-            "dataset=sst2,imdb,wikitext2",
-            "experiment=smoke",
-            f"hydra.sweep.dir={sweep}",
-        ],
+    args = ["-m", "method=lora", "dataset=sst2,imdb,wikitext2", "experiment=smoke", f"hydra.sweep.dir={sweep}"]
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
         cwd=sweep.parent,
-        env=cli_env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, cli_env):
+    """`python train.py -m method=lora dataset=sst2,imdb,wikitext2 experiment=smoke`, run once for the module."""
+
+    sweep = tmp_path_factory.mktemp("smoke") / "sweep"
+    proc = _smoke_grid(sweep, cli_env)
     return sweep, proc
 
 
@@ -108,29 +107,10 @@ def test_adapter_loads_back_and_reproduces_outputs(smoke_sweep):
 
 
 def test_rerun_skips_completed_cells(smoke_sweep, cli_env):
-    import subprocess
-    import sys
-
-    from conftest import REPO
 
     sweep, _ = smoke_sweep
     before = {n: m["finished_at"] for n, m in _cells(sweep).items()}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "-m",
-            "method=lora",
-            "dataset=sst2,imdb,wikitext2",
-            "experiment=smoke",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=sweep.parent,
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _smoke_grid(sweep, cli_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Sweep summary (0 completed, 3 skipped, 0 failed)" in proc.stdout
     assert {n: m["finished_at"] for n, m in _cells(sweep).items()} == before
