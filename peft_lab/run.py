@@ -98,7 +98,8 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model.to(device) if not getattr(model, "is_loaded_in_4bit", False) else None
+    if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit weights were placed by device_map
+        model.to(device)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_train, ds.max_train_samples)
     eval_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_eval, ds.max_eval_samples)
     record.update(
