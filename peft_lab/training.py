@@ -164,9 +164,10 @@ def train(
         tc.scheduler, optimizer, num_warmup_steps=round(tc.warmup_ratio * total), num_training_steps=total
     )
     pos = {"step": 0, "epoch": 0, "micro": 0}
+    mlm_gen = torch.Generator().manual_seed(cfg.seed)  # masked-LM masks; part of the checkpointed RNG state
     ckpt = run_dir / CKPT_DIR
     if tc.resume and (ckpt / "state.json").exists():
-        pos = load_checkpoint(ckpt, model, optimizer, scheduler, method)
+        pos = load_checkpoint(ckpt, model, optimizer, scheduler, method, mlm_gen)
         log.info(f"Resumed from step {pos['step']} (epoch {pos['epoch']}, batch {pos['micro']}) of {total}")
     resumed_from = pos["step"]
     log.info(
@@ -175,7 +176,6 @@ def train(
     )
 
     model.train()
-    mlm_gen = torch.Generator().manual_seed(cfg.seed)
     history, samples, tokens, wall, loss_acc, last_loss = [], 0, 0, 0.0, 0.0, None
     window_t, window_samples = time.perf_counter(), 0
     while pos["step"] < total:
@@ -223,11 +223,11 @@ def train(
             if tc.eval_every > 0 and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
                 on_eval(pos["step"])
             if tc.checkpoint_every > 0 and pos["step"] % tc.checkpoint_every == 0 and pos["step"] < total:
-                save_checkpoint(ckpt, model, optimizer, scheduler, method, pos)
+                save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen)
         if pos["micro"] >= len(micros):
             pos["epoch"] += 1
             pos["micro"] = 0
-    save_checkpoint(ckpt, model, optimizer, scheduler, method, pos)
+    save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen)
     return TrainResult(
         steps=pos["step"],
         total_steps=total,
@@ -243,7 +243,9 @@ def train(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, pos: dict) -> None:
+def save_checkpoint(
+    ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, pos: dict, generator: Any
+) -> None:
     """Trainable weights, optimizer, scheduler, RNG, method state and data position, swapped in atomically."""
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +257,7 @@ def save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, meth
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "method": method.state_dict(),
-            "rng": _rng_state(),
+            "rng": _rng_state(generator),
         },
         tmp / "state.pt",
     )
@@ -268,7 +270,7 @@ def save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, meth
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any) -> dict:
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, generator: Any) -> dict:
     trainable = torch.load(ckpt / "trainable.pt", weights_only=True)
     params = dict(model.named_parameters())
     missing = [n for n in trainable if n not in params]
@@ -283,19 +285,20 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, meth
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     method.load_state_dict(state["method"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng"], generator)
     return json.loads((ckpt / "state.json").read_text())
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def _rng_state(generator: Any) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "data": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, generator: Any) -> None:
     torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -137,3 +137,24 @@ def build_model(cfg, device: str = "cpu"):
     loaded = models.load(cfg.model, task, cfg.dataset.num_labels, method.load_kwargs(device), torch.float32)
     loaded.model = method.prepare_base(loaded.model)
     return loaded, method, task
+
+
+def train_loop(model, method, cfg, tok, task, examples, run_dir, on_log=None):
+    """peft_lab.training.train on CPU with no-op callbacks unless given (as a run calls it)."""
+    import contextlib
+
+    from peft_lab import training
+
+    return training.train(
+        model,
+        method,
+        examples,
+        cfg=cfg,
+        task=task,
+        tokenizer=tok,
+        device="cpu",
+        autocast=contextlib.nullcontext,
+        run_dir=run_dir,
+        on_log=on_log or (lambda *a: None),
+        on_eval=lambda s: None,
+    )

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, train_loop
 
 from peft_lab import data, models, training
 from peft_lab.metrics import count_parameters
@@ -75,11 +75,14 @@ def test_parameter_counts_walk_adapter_layers(compose):
     assert counts["total_params"] == base + counts["adapter_params"]
 
 
-def test_resume_continues_exactly(compose, tmp_path):
+@pytest.mark.parametrize(
+    "task_args", [["dataset=sst2"], ["dataset=wikitext2", "model=tiny-distilbert"]], ids=["classification", "masked_lm"]
+)
+def test_resume_continues_exactly(task_args, compose, tmp_path):
     """6 steps straight == killed after step 4 (checkpoint at 3), restarted with a fresh model, resumed."""
     common = [
         "experiment=smoke",
-        "dataset=sst2",
+        *task_args,
         "logger=none",
         "train.max_steps=6",
         "train.log_every=1",
@@ -101,19 +104,7 @@ def test_resume_continues_exactly(compose, tmp_path):
         raw, _ = data.load_validated(cfg.dataset, "train")
         ex = data.tokenize(cfg.dataset, tok, raw, None)
         torch.manual_seed(cfg.seed)
-        result = training.train(
-            model,
-            method,
-            ex,
-            cfg=cfg,
-            task=task,
-            tokenizer=tok,
-            device="cpu",
-            autocast=contextlib.nullcontext,
-            run_dir=run_dir,
-            on_log=lambda e, s: on_log(e, s, kill_at),
-            on_eval=lambda s: None,
-        )
+        result = train_loop(model, method, cfg, tok, task, ex, run_dir, lambda e, s: on_log(e, s, kill_at))
         return model, result
 
     straight, r1 = run(tmp_path / "a")
