@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    group = Path(str(hc.sweep.dir)).as_posix().replace("/", "_") if multirun else "single-runs"
+    sweep_dir = Path(str(hc.sweep.dir)) if multirun else None
     record = {
         "status": "running",
         "method": cfg.method.name,
@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> float | None:
     t0 = time.perf_counter()
     write_json_atomic(run_dir / METRICS_FILE, record)
     try:
-        return run_cell(cfg, run_dir, record, group, t0)
+        return run_cell(cfg, run_dir, record, sweep_dir, t0)
     except BaseException as err:
         # SystemExit / KeyboardInterrupt here is a preemption or timeout signal (submitit requeues the
         # task, which resumes from its checkpoint): the run is interrupted, not failed.
@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> float | None:
         raise
 
 
-def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float) -> float | None:
+def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | None, t0: float) -> float | None:
     ds, mc = cfg.dataset, cfg.model
     # --- start-up checks: no heavy imports yet
     data_mod.check_config(ds)
@@ -117,8 +117,12 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
     )
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    name = f"{cfg.method.name}-{ds.name}-{mc.name}"
-    tracker = tracking.make_tracker(cfg, run_dir, group, name, config)
+    with_seed = tracking.seeds_vary(sweep_dir, record["overrides"])
+    name = tracking.run_name(cfg.method.name, ds.name, mc.name, cfg.seed, with_seed)
+    group = tracking.sweep_group(sweep_dir, cfg.logger.get("group"))
+    tags = [cfg.method.name, ds.name, mc.name, task] + ([f"seed{cfg.seed}"] if with_seed else [])
+    tracker = tracking.make_tracker(cfg.logger, run_dir, group, name, config, tags)
+    record.update(wandb_run_id=tracker.run_id, wandb_group=group if tracker.run_id else None, wandb_mode=tracker.mode)
     failed = True
     try:
 
@@ -134,7 +138,7 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
         def on_eval(step: int) -> None:
             result = run_eval()
             log.info(f"eval at step {step}: {result}")
-            tracker.log({f"eval_{k}": v for k, v in result.items()}, step)
+            tracker.log({f"eval/{k}": v for k, v in result.items()}, step)
 
         result = training.train(
             model,
@@ -151,6 +155,7 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
         )
         eval_metrics = run_eval()
         log.info(f"eval: {eval_metrics}")
+        tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, result.steps)
         main_metric = _main_metric(ds, task)
         record.update(
             eval=eval_metrics,
@@ -166,22 +171,31 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, group: str, t0: float
             **method.metrics(model),
             **metrics.peak_memory(device),
             **metrics.environment(),
-            wandb_run_id=tracker.run_id,
         )
         if cfg.train.save_adapter:
             adapter_dir = run_dir / "adapter"
             method.save_adapter(model, adapter_dir)
             record["adapter_dir"] = str(adapter_dir)
             record["adapter_bytes"] = metrics.dir_size(adapter_dir)
+            if cfg.logger.get("log_artifacts"):
+                tracker.log_adapter(adapter_dir, f"adapter-{name}")
         record["status"] = "completed"
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         record["run_wall_s"] = time.perf_counter() - t0
         write_json_atomic(run_dir / METRICS_FILE, record)
-        tracker.summary({k: v for k, v in record.items() if k not in ("overrides",)})
         failed = False
         log.info(f"{name}: {main_metric} = {eval_metrics[main_metric]:.4f}  ({run_dir / METRICS_FILE})")
         return float(eval_metrics[main_metric])
     finally:
+        if failed:  # the summary still says what happened (main() writes the same into metrics.json)
+            err = sys.exc_info()[1]
+            interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+            record = {
+                **record,
+                "status": "interrupted" if interrupted else "failed",
+                "error": f"{type(err).__name__}: {err}",
+            }
+        tracker.summary(record)
         tracker.finish(failed=failed)
 
 

@@ -116,8 +116,9 @@ class LoggerConfig:
     project: str = "peft_lab"
     entity: Optional[str] = None
     mode: str = "auto"  # auto | online | offline | disabled
-    log_every: int = 10
-    log_artifacts: bool = False
+    group: Optional[str] = None  # W&B group; default: the sweep (pinned in <sweep>/.cells/group.txt)
+    init_timeout: float = 30.0  # seconds wandb.init may take online before falling back to offline
+    log_artifacts: bool = False  # upload each run's adapter as a W&B artifact
 
 
 @dataclass

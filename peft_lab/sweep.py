@@ -48,6 +48,7 @@ class Cell:
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)
     job_id: str = ""  # SLURM: <array job>_<task>
+    meta: dict = field(default_factory=dict)  # method / dataset / model / seed, for the report's missing cells
 
     @property
     def name(self) -> str:
@@ -71,6 +72,10 @@ def prepare_cells(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     config = launcher.config
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     (sweep_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+    if config.get("logger") is not None and config.logger.get("backend") == "wandb":
+        from peft_lab import tracking
+
+        tracking.pin_group(sweep_dir, config.logger.get("group"))
     if "mode" in config.hydra.sweep:
         os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
     cells = []
@@ -79,6 +84,12 @@ def prepare_cells(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         try:
             sweep_cfg = launcher.hydra_context.config_loader.load_sweep_config(config, cell.overrides)
             cell.run_dir = sweep_dir / str(sweep_cfg.hydra.sweep.subdir)
+            cell.meta = {
+                "method": str(sweep_cfg.method.name),
+                "dataset": str(sweep_cfg.dataset.name),
+                "model": str(sweep_cfg.model.name),
+                "seed": int(sweep_cfg.seed),
+            }
         except Exception as err:  # a bad override in one cell fails that cell only
             cell.status, cell.error = "failed", f"config error: {err}".replace("\n", " ")
         cells.append(cell)
@@ -110,6 +121,7 @@ def write_manifest(sweep_dir: Path, cells: list, launcher: str, **extra: Any) ->
             "idx": c.idx,
             "name": c.name,
             "overrides": c.overrides,
+            **(c.meta or {k: prev[k] for k in ("method", "dataset", "model", "seed") if k in prev}),
             "run_dir": str(c.run_dir) if c.run_dir else None,
             "status": c.status,
             "error": c.error,
@@ -131,6 +143,17 @@ def read_manifest(sweep_dir: Path) -> dict:
         return {}
 
 
+def write_report(sweep_dir: Path) -> None:
+    """The sweep's report (tables, plots, W&B report run); a problem here never fails the sweep."""
+    try:
+        from peft_lab import report
+
+        paths = report.build(sweep_dir, report.sweep_logger(sweep_dir), quiet=True)
+        log.info(f"Report: {paths['markdown']} (+ report.csv, runs.csv, {len(report.PLOTS)} plots)")
+    except Exception as err:
+        log.warning(f"report failed ({type(err).__name__}: {err}); run python -m peft_lab.report {sweep_dir}")
+
+
 def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
     """Summary files + table; exit 1 naming each failed cell and its log; else Hydra's JobReturns."""
     from hydra.core.utils import JobReturn, JobStatus
@@ -138,6 +161,7 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
     write_manifest(sweep_dir, cells, launcher, finished=True)
     rows = write_summary(sweep_dir, cells)
     print(rows, flush=True)
+    write_report(sweep_dir)
     failed = [c for c in cells if c.status == "failed"]
     if failed:
         lines = [f"{len(failed)} of {len(cells)} cells failed:"]

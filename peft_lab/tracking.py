@@ -1,16 +1,25 @@
 """Experiment tracking: Weights & Biases (online or offline) or nothing.
 
 The mode is decided before ``wandb.init`` so a job never hangs on a dead network:
-``auto`` is online only with an API key and a reachable server, else offline.
+``auto`` is online only with an API key and a reachable server, else offline; a
+forced ``online`` whose server cannot be reached (or whose ``init`` times out)
+falls back to offline with a warning, so a sweep on nodes without internet still
+runs and can be synced later.
+
+Naming, for finding runs in the dashboard:
+- group: the sweep (``logger.group`` if set, else a name derived from the sweep dir
+  and pinned in ``<sweep>/.cells/group.txt``), so re-runs and requeues land in it;
+- name: ``{method}-{dataset}-{model}``, plus ``-seed{N}`` when the sweep varies the seed;
+- id: kept in ``<run dir>/wandb_run_id.txt``, so a resumed job continues the same run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
 import re
-import socket
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -19,16 +28,25 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+GROUP_FILE = "group.txt"  # in <sweep>/.cells/
+SINGLE_RUN_GROUP = "single-runs"
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+# api_key, hf_token, access_token, token, password, client_secret, ... (not tokens_per_s or tokenizer)
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.I)
+REDACTED = "<redacted>"
 
 
 class NullTracker:
     run_id: Optional[str] = None
+    mode: str = "disabled"
 
     def log(self, data: dict, step: int) -> None:
         pass
 
     def summary(self, data: dict) -> None:
+        pass
+
+    def log_adapter(self, path: Path, name: str) -> None:
         pass
 
     def finish(self, failed: bool = False) -> None:
@@ -36,19 +54,35 @@ class NullTracker:
 
 
 class WandbTracker(NullTracker):
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, mode: str) -> None:
         self.run = run
         self.run_id = run.id
+        self.mode = mode
+        self._finished = False
 
     def log(self, data: dict, step: int) -> None:
-        self.run.log({f"train/{k}": v for k, v in data.items() if k != "step"}, step=step)
+        """``{"loss": ..}`` -> ``train/loss``; keys already prefixed (``eval/accuracy``) stay as they are."""
+        row = {(k if "/" in k else f"train/{k}"): v for k, v in data.items() if k != "step"}
+        self.run.log(row, step=step)
 
     def summary(self, data: dict) -> None:
-        for key, value in _flatten(data).items():
-            self.run.summary[key] = value
+        """The run's summary is metrics.json: the same keys, nested dicts kept nested."""
+        self.run.summary.update(redact(json.loads(json.dumps(data, default=str))))
+
+    def log_adapter(self, path: Path, name: str) -> None:
+        import wandb
+
+        art = wandb.Artifact(re.sub(r"[^\w.-]", "_", name), type="model")
+        art.add_dir(str(path))
+        self.run.log_artifact(art)
 
     def finish(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+        if not self._finished:
+            self._finished = True
+            self.run.finish(exit_code=1 if failed else 0)
+
+
+# ----------------------------------------------------------------------------- mode
 
 
 def api_key_configured() -> bool:
@@ -61,23 +95,105 @@ def api_key_configured() -> bool:
         return False
 
 
+def server_reachable(timeout: float = 3.0) -> bool:
+    """Does the W&B server answer HTTP within ``timeout`` s? Any HTTP status counts; a refused or silent
+    connection (a compute node without internet, a proxy that accepts but never answers) does not."""
+    import urllib.error
+    import urllib.request
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, timeouts, resets, a malformed URL
+        return False
+
+
 def resolve_mode(mode: str, timeout: float = 3.0) -> str:
-    """auto -> online (key + reachable server) or offline; other modes pass through."""
-    if mode != "auto":
+    """auto/online -> online (API key + reachable server) or offline; offline/disabled pass through.
+
+    Bounded by ``timeout`` seconds: decided before ``wandb.init``, which could otherwise wait ~90 s.
+    """
+    if mode not in ("auto", "online"):
         return mode
     if not api_key_configured():
+        if mode == "online":
+            log.warning(
+                "W&B: logger.mode=online but no API key is configured (WANDB_API_KEY or `wandb login`); logging offline"
+            )
         return "offline"
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    if server_reachable(timeout):
+        return "online"
+    log.warning("W&B: an API key is set but the server is unreachable; logging offline")
+    return "offline"
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def derive_group(sweep_dir: Path) -> str:
+    """A readable, path-free group name: the sweep dir relative to the working dir, else its last two parts."""
+    p = Path(sweep_dir).absolute()
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return "online"
-    except OSError:
-        log.warning("W&B: an API key is set but the server is unreachable; logging offline")
-        return "offline"
+        name = p.relative_to(Path.cwd().absolute()).as_posix()
+    except ValueError:
+        name = "/".join(p.parts[-2:])
+    return re.sub(r"[^\w.=,-]+", "_", name).strip("_") or "sweep"
 
 
-def make_tracker(cfg: Any, run_dir: Path, group: str, name: str, config: dict) -> NullTracker:
-    lc = cfg.logger
+def pin_group(sweep_dir: Path, explicit: Optional[str]) -> str:
+    """Called by the launcher: the sweep's group, written once so every later run (re-run, requeue) reuses it."""
+    path = Path(sweep_dir) / ".cells" / GROUP_FILE
+    if explicit:
+        group = explicit
+    elif path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    else:
+        group = derive_group(sweep_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(group + "\n")
+    os.replace(tmp, path)
+    return group
+
+
+def sweep_group(sweep_dir: Optional[Path], explicit: Optional[str]) -> str:
+    if explicit:
+        return explicit
+    if sweep_dir is None:
+        return SINGLE_RUN_GROUP
+    path = Path(sweep_dir) / ".cells" / GROUP_FILE
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    return derive_group(sweep_dir)
+
+
+def seeds_vary(sweep_dir: Optional[Path], own_overrides: list[str]) -> bool:
+    """True when the sweep's cells use more than one seed (read from its manifest)."""
+    if sweep_dir is None:
+        return False
+    try:
+        manifest = json.loads((Path(sweep_dir) / ".cells" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return any(o.startswith("seed=") for o in own_overrides)
+    seeds = {
+        o.split("=", 1)[1] for c in manifest.get("cells", []) for o in c.get("overrides", []) if o.startswith("seed=")
+    }
+    return len(seeds) > 1
+
+
+def run_name(method: str, dataset: str, model: str, seed: int, with_seed: bool) -> str:
+    return f"{method}-{dataset}-{model}" + (f"-seed{seed}" if with_seed else "")
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def make_tracker(
+    lc: Any, run_dir: Path, group: str, name: str, config: dict, tags: list[str], job_type: str = "train"
+) -> NullTracker:
     if lc.backend == "none":
         return NullTracker()
     mode = resolve_mode(lc.mode)
@@ -87,40 +203,50 @@ def make_tracker(cfg: Any, run_dir: Path, group: str, name: str, config: dict) -
 
     id_file = run_dir / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
-    run = wandb.init(
+    kwargs = dict(
         project=lc.project,
         entity=lc.entity,
         group=group,
         name=name,
-        job_type="train",
+        job_type=job_type,
         id=run_id,
         resume="allow",
-        mode=mode,
         dir=str(run_dir),
         config=redact(config),
-        tags=[cfg.method.name, cfg.dataset.name, cfg.model.name],
-        settings=wandb.Settings(console="off", silent=True),
+        tags=[t for t in tags if t],
     )
+    settings = dict(console="off", silent=True, init_timeout=float(lc.init_timeout))
+    try:
+        run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
+    except Exception as err:  # online init failed or timed out: never lose the job over its logging
+        if mode != "online":
+            raise
+        log.warning(f"W&B: online init failed ({type(err).__name__}: {err}); logging offline instead")
+        mode = "offline"
+        run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
     if mode == "offline":
-        log.info(f"W&B offline run in {run_dir / 'wandb'}; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
-    return WandbTracker(run)
+        log.info(f"W&B offline run {run_id}; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+    return WandbTracker(run, mode)
 
 
-def redact(data: Any) -> Any:
-    """Drop values whose key looks like a secret (API keys, tokens, passwords)."""
+# ----------------------------------------------------------------------------- secrets
+
+
+def secret_values() -> list[str]:
+    """Secrets this process knows of (from the environment), to be scrubbed wherever they appear."""
+    return [v for k in SECRET_ENV if len(v := os.environ.get(k, "")) >= 8]
+
+
+def redact(data: Any, secrets: Optional[list[str]] = None) -> Any:
+    """Replace values whose key looks like a secret (API keys, tokens, passwords) and any known secret value."""
+    secrets = secret_values() if secrets is None else secrets
     if isinstance(data, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [redact(v) for v in data]
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) else redact(v, secrets)) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact(v, secrets) for v in data]
+    if isinstance(data, str):
+        for s in secrets:
+            data = data.replace(s, REDACTED)
     return data
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -177,7 +177,7 @@ def train(
 
     model.train()
     history, samples, tokens, wall, loss_acc, last_loss = [], 0, 0, 0.0, 0.0, None
-    window_t, window_samples = time.perf_counter(), 0
+    window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
     while pos["step"] < total:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + pos["epoch"]))
         micros = [order[i : i + tc.batch_size].tolist() for i in range(0, len(examples), tc.batch_size)]
@@ -196,8 +196,10 @@ def train(
                 (loss / len(group)).backward()
                 loss_acc += loss.item() / len(group)
                 samples += len(idx)
-                tokens += int(batch["attention_mask"].sum())
+                n_tok = int(batch["attention_mask"].sum())
+                tokens += n_tok
                 window_samples += len(idx)
+                window_tokens += n_tok
             if tc.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
             optimizer.step()
@@ -211,8 +213,15 @@ def train(
             if pos["step"] % max(1, tc.log_every) == 0 or pos["step"] == total:
                 now = time.perf_counter()
                 rate = window_samples / max(1e-9, now - window_t)
-                window_t, window_samples = now, 0
-                entry = {"step": pos["step"], "loss": loss_acc, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
+                tok_rate = window_tokens / max(1e-9, now - window_t)
+                window_t, window_samples, window_tokens = now, 0, 0
+                entry = {
+                    "step": pos["step"],
+                    "loss": loss_acc,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": rate,
+                    "tokens_per_s": tok_rate,
+                }
                 history.append(entry)
                 eta = (total - pos["step"]) * wall / max(1, pos["step"] - resumed_from)
                 log.info(

@@ -174,7 +174,8 @@ def test_encoder_grid_reports_masked_lm_perplexity(run_cli, tmp_path):
 
 
 def test_local_run_killed_then_restarted_resumes(cli_env, tmp_path):
-    """Kill a local run after its first checkpoint; the same command resumes from it, not from step 0."""
+    """Kill a local run after its first checkpoint; the same command resumes from it, not from step 0,
+    and continues the same W&B run (same id, history picking up after the checkpoint)."""
     import signal
     import subprocess
     import sys
@@ -187,7 +188,6 @@ def test_local_run_killed_then_restarted_resumes(cli_env, tmp_path):
         sys.executable,
         str(REPO / "train.py"),
         "experiment=smoke",
-        "logger=none",
         "dataset=sst2",
         "train.max_steps=400",
         "train.checkpoint_every=20",
@@ -207,3 +207,12 @@ def test_local_run_killed_then_restarted_resumes(cli_env, tmp_path):
     m = read_metrics(run_dir)
     assert m["status"] == "completed" and m["steps"] == 400 and m["resumed_from_step"] >= 20
     assert f"Resumed from step {m['resumed_from_step']} " in (run_dir / "train.log").read_text()
+    from wandb_file import read_run
+
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    attempts = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts)
+    last = read_run(next(attempts[-1].glob("run-*.wandb")))
+    assert last.id == run_id == m["wandb_run_id"] and last.summary["status"] == "completed"
+    steps = [h["_step"] for h in last.history if "train/loss" in h]
+    assert steps[0] == m["resumed_from_step"] + 20 and steps[-1] == 400
