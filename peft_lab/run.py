@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,6 +166,8 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | Non
             resumed_from_step=result.resumed_from,
             final_train_loss=result.final_loss,
             train_wall_s=result.wall_s,
+            step_time_median_s=statistics.median(result.step_times) if result.step_times else None,
+            time_to_first_step_s=_since_start(result.first_step_done_at),
             samples_per_s=result.samples / max(1e-9, result.wall_s),
             tokens_per_s=result.tokens / max(1e-9, result.wall_s),
             model_footprint_bytes=base_footprint,
@@ -197,6 +200,14 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | Non
             }
         tracker.summary(record)
         tracker.finish(failed=failed)
+
+
+def _since_start(t: float | None) -> float | None:
+    """Seconds from this process's start to ``t`` (the first optimizer step): start-up cost of a run or cell."""
+    from peft_lab.metrics import process_start_time
+
+    start = process_start_time()
+    return None if t is None or start is None else round(t - start, 3)
 
 
 def _main_metric(ds: Any, task: str) -> str:

@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -135,6 +135,8 @@ class TrainResult:
     final_loss: Optional[float]
     resumed_from: int
     history: list[dict]
+    step_times: list[float] = field(default_factory=list)  # seconds per optimizer step, in order
+    first_step_done_at: Optional[float] = None  # time.time() when this process finished its first step
 
 
 def train(
@@ -177,6 +179,8 @@ def train(
 
     model.train()
     history, samples, tokens, wall, loss_acc, last_loss = [], 0, 0, 0.0, 0.0, None
+    step_times: list[float] = []
+    first_step_done_at: Optional[float] = None
     window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
     while pos["step"] < total:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + pos["epoch"]))
@@ -208,7 +212,10 @@ def train(
             pos["step"] += 1
             pos["micro"] += len(group)
             method.after_optimizer_step(model, pos["step"], total)
-            wall += time.perf_counter() - t0
+            step_times.append(time.perf_counter() - t0)
+            wall += step_times[-1]
+            if first_step_done_at is None:
+                first_step_done_at = time.time()
             last_loss = loss_acc
             if pos["step"] % max(1, tc.log_every) == 0 or pos["step"] == total:
                 now = time.perf_counter()
@@ -246,6 +253,8 @@ def train(
         final_loss=last_loss,
         resumed_from=resumed_from,
         history=history,
+        step_times=step_times,
+        first_step_done_at=first_step_done_at,
     )
 
 

@@ -353,3 +353,27 @@ def test_sparselora_rejects_an_encoder_at_start_up(compose):
     loaded, method, _ = build_model(cfg)
     with pytest.raises(UserError, match="Llama-style decoder"):
         method.adapt(loaded.model)
+
+
+def test_sparselora_compact_mlp_kernels_equal_masked_dense_lora_layers():
+    """The compact path (k rows of gate/up, k columns of down, LoRA included) equals the dense
+    LoRA layers with the unselected intermediate channels zeroed."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+
+    from peft_lab.methods.sparselora import _linear_cols, _linear_rows
+
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"gate": nn.Linear(16, 48), "down": nn.Linear(48, 16)})
+    peft_net = get_peft_model(net, LoraConfig(r=4, target_modules=["gate", "down"], lora_dropout=0.0))
+    for n, p in peft_net.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    gate, down = peft_net.base_model.model["gate"], peft_net.base_model.model["down"]
+    x = torch.randn(10, 16)
+    sel = torch.tensor([1, 5, 6, 20, 33, 47])
+    mask = torch.zeros(48)
+    mask[sel] = 1.0
+    assert torch.allclose(_linear_rows(gate, x, sel), gate(x)[:, sel], atol=1e-6)
+    h = torch.randn(10, 48)
+    assert torch.allclose(_linear_cols(down, h[:, sel], sel), down(h * mask), atol=1e-6)

@@ -14,8 +14,10 @@ LoRA stays dense; what shrinks is the frozen base weights' work, chosen per batc
   ``warmup_frac`` of the steps dense; output tokens (labels != -100 for causal LM, the
   pooled last token for classification) computed densely, context tokens sparsely.
 
-It wraps the frozen linear layers of the model it adapts (a ``SparseLinear`` sharing the
-same weight) and hooks that model's MLP and attention modules; no library class is
+The MLP of each adapted layer gets its own forward (on that instance only): context tokens go
+through the selected channels compactly (gate/up compute k rows, the k-wide activation feeds
+down's k columns, base and LoRA alike), so the smaller matmuls are all that run. Attention
+projections are wrapped in a ``SparseLinear`` sharing the frozen weight. No library class is
 patched. Evaluation is dense by default (SparseLoRA accelerates fine-tuning). The share
 of base-linear FLOPs skipped is measured while training and reported.
 """
@@ -223,8 +225,56 @@ def _swap_base(parent: Any, attr: str, controller: Controller, mode: str, kind: 
     return sparse
 
 
+def _base(module: Any) -> Any:
+    return module.base_layer if hasattr(module, "base_layer") else module
+
+
 def _base_weight(module: Any) -> Any:
-    return (module.base_layer if hasattr(module, "base_layer") else module).weight
+    return _base(module).weight
+
+
+def _check_plain_base(parent: Any, attr: str) -> None:
+    import torch.nn as nn
+
+    base = _base(getattr(parent, attr))
+    if type(base) is not nn.Linear:
+        raise fail(
+            f"SparseLoRA needs plain linear base layers, got {type(base).__name__} at {attr}",
+            "do not combine SparseLoRA with quantisation or other adapters on the same layer",
+        )
+
+
+def _lora_parts(module: Any) -> list:
+    """(A weight, B weight, scaling, dropout) of each active plain-LoRA adapter on ``module`` (none if untargeted)."""
+    if not hasattr(module, "lora_A") or getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return []
+    return [
+        (module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a], module.lora_dropout[a])
+        for a in module.active_adapters
+        if a in module.lora_A
+    ]
+
+
+def _linear_rows(module: Any, x: Any, sel: Any) -> Any:
+    """module(x)[:, sel], computing only those output rows (base and LoRA)."""
+    import torch.nn.functional as F
+
+    base = _base(module)
+    y = F.linear(x, base.weight.index_select(0, sel), None if base.bias is None else base.bias[sel])
+    for a, b, scale, drop in _lora_parts(module):
+        y = y + F.linear(F.linear(drop(x), a), b.index_select(0, sel)) * scale
+    return y
+
+
+def _linear_cols(module: Any, x: Any, sel: Any) -> Any:
+    """module(z) where z is zero outside the input columns ``sel`` and ``x`` holds those columns."""
+    import torch.nn.functional as F
+
+    base = _base(module)
+    y = F.linear(x, base.weight.index_select(1, sel), base.bias)
+    for a, b, scale, drop in _lora_parts(module):
+        y = y + F.linear(F.linear(drop(x), a.index_select(1, sel)), b) * scale
+    return y
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -288,15 +338,15 @@ def wrap_layer(layer: Any, est: dict, ctl: Controller, mlp_s: float, attn_s: flo
     import torch.nn.functional as F
 
     mlp, attn = layer.mlp, layer.self_attn
-    gate, up = _swap_base(mlp, "gate_proj", ctl, "rows", "mlp"), _swap_base(mlp, "up_proj", ctl, "rows", "mlp")
-    down = _swap_base(mlp, "down_proj", ctl, "cols", "mlp")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        _check_plain_base(mlp, proj)
     q, k = _swap_base(attn, "q_proj", ctl, "rows", "attn"), _swap_base(attn, "k_proj", ctl, "rows", "attn")
     v, o = _swap_base(attn, "v_proj", ctl, "rows", "attn"), _swap_base(attn, "o_proj", ctl, "cols", "attn")
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     group = n_heads // n_kv
-    inter = gate.out_features
+    hidden, inter = config.hidden_size, _base(mlp.gate_proj).out_features
     keep_mlp = max(1, round((1.0 - mlp_s) * inter))
     keep_pairs = max(1, round((1.0 - attn_s) * head_dim / 2))
     keep_v = max(1, round((1.0 - attn_s) * head_dim))
@@ -309,18 +359,35 @@ def wrap_layer(layer: Any, est: dict, ctl: Controller, mlp_s: float, attn_s: flo
         a, b = est[key]
         return (xs @ a.to(xs)) @ b.to(xs)
 
-    def mlp_hook(module, args, kwargs):
-        gate.sel = up.sel = down.sel = None
+    dense_mlp = mlp.forward  # the model's own (bound) forward: dense steps, dense tokens
+
+    def sparse_mlp(x):
+        """Context tokens through only the selected channels, compactly: gate/up compute k rows,
+        the k-wide activation goes straight into down's k columns (no full-width scatter/gather)."""
+        xf = x.reshape(-1, hidden)
+        n = xf.shape[0]
+        dense_cost = 3 * n * hidden * inter
         if not ctl.active or mlp_s <= 0:
-            return
-        x = args[0] if args else kwargs["x"]
+            ctl.tally("mlp", dense_cost, dense_cost)
+            return dense_mlp(x)
+        all_sparse = ctl.sparse_rows.numel() == n
+        xs = xf if all_sparse else xf.index_select(0, ctl.sparse_rows)
+        if xs.shape[0] == 0:
+            ctl.tally("mlp", dense_cost, dense_cost)
+            return dense_mlp(x)
         with torch.no_grad():
-            xs = context(x)
-            if xs.shape[0] == 0:
-                return
             score = (F.silu(est_out(xs, "gate")) * est_out(xs, "up")).norm(dim=0)
             sel = score.topk(keep_mlp).indices.sort().values
-        gate.sel = up.sel = down.sel = sel
+        act = mlp.act_fn(_linear_rows(mlp.gate_proj, xs, sel)) * _linear_rows(mlp.up_proj, xs, sel)
+        ys = _linear_cols(mlp.down_proj, act, sel)
+        done = 3 * xs.shape[0] * hidden * keep_mlp
+        if all_sparse:
+            ctl.tally("mlp", dense_cost, done)
+            return ys.view(x.shape)
+        yd = dense_mlp(xf.index_select(0, ctl.dense_rows))
+        ctl.tally("mlp", dense_cost, done + 3 * yd.shape[0] * hidden * inter)
+        out = ys.new_empty(n, hidden).index_copy(0, ctl.sparse_rows, ys).index_copy(0, ctl.dense_rows, yd)
+        return out.view(x.shape)
 
     def attn_hook(module, args, kwargs):
         q.sel = k.sel = v.sel = o.sel = None
@@ -346,5 +413,5 @@ def wrap_layer(layer: Any, est: dict, ctl: Controller, mlp_s: float, attn_s: flo
             q.sel = (q_base + dims_qk[:, None, :]).flatten().sort().values
             o.sel = (q_base + dims_v[:, None, :]).flatten().sort().values
 
-    mlp.register_forward_pre_hook(mlp_hook, with_kwargs=True)
+    mlp.forward = sparse_mlp  # this instance only; the class is untouched
     attn.register_forward_pre_hook(attn_hook, with_kwargs=True)

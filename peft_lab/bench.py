@@ -1,0 +1,453 @@
+"""What each method and the framework itself cost, measured side by side: ``python -m peft_lab.bench``.
+
+For one model shape (default: SmolLM2-135M's shape with random weights, no download)
+and each method, on the current device:
+
+- step time: median over ``--steps`` timed steps after ``--warmup`` untimed ones, in
+  ``--repeats`` blocks; methods run **interleaved** (block 1 of every method, then block
+  2, ...), so noise on a shared machine hits them alike; the figure is the median of
+  the block medians, with the spread of the block medians;
+- tokens/s (batch × sequence / step time);
+- peak memory: CUDA max allocated per block; on CPU each method's peak RSS in a fresh
+  process (``--memory``), since a process's RSS peak cannot be reset;
+- model footprint (parameters + buffers), the method's own figures (QLoRA's 4-bit
+  linear bytes, SparseLoRA's FLOPs skipped).
+
+Methods run through the framework's own path: the composed config, the method class,
+``peft_lab.training.train`` (collate, hooks, scheduler, clipping, as a real run). A
+**bare** loop runs alongside: the same model, PEFT ``LoraConfig`` and batches in a minimal
+hand-written PyTorch loop (no Hydra, no Trainer), the baseline for the framework's cost.
+
+Output: a table of ratios (each method against LoRA; the framework's LoRA against the
+bare loop) and a JSON file with every number. Method variants: ``--methods
+lora,sparselora,"sparselora:method.mlp_sparsity=0.9;method.attn_sparsity=0.5"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = "lora,qlora,hira,sparse,sparselora"
+BARE = "bare-lora"
+
+
+@dataclass
+class Result:
+    label: str
+    method: str
+    overrides: list
+    block_medians_s: list = field(default_factory=list)
+    step_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    peak_memory_mib: Optional[float] = None
+    peak_memory_kind: str = ""
+    footprint_mib: Optional[float] = None
+    trainable_params: Optional[int] = None
+    method_metrics: dict = field(default_factory=dict)
+    error: str = ""
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def compose(model: str, method: str, extra: list[str], args: argparse.Namespace) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import peft_lab.config  # noqa: F401
+
+    overrides = [
+        f"method={method}",
+        f"model={model}",
+        "dataset=wikitext2",
+        "logger=none",
+        f"train.batch_size={args.batch}",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.log_every={10**6}",
+        "train.checkpoint_every=0",
+        "train.resume=false",
+        "train.warmup_ratio=0",
+        f"train.precision={args.precision}",
+        f"train.device={args.device}",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def spec(text: str) -> tuple[str, str, list[str]]:
+    """'sparselora:method.mlp_sparsity=0.9;method.attn_sparsity=0.5' -> (label, method, overrides)."""
+    method, _, rest = text.partition(":")
+    extra = [o for o in rest.split(";") if o]
+    return text, method.strip(), extra
+
+
+class Framework:
+    """A method built as a run builds it, trained in blocks by peft_lab.training.train."""
+
+    def __init__(self, label: str, method: str, extra: list[str], args: argparse.Namespace, device: str) -> None:
+        from peft_lab import data as data_mod
+        from peft_lab import metrics, models, run
+        from peft_lab.methods import get_method_class
+
+        self.cfg = cfg = compose(args.model, method, extra, args)
+        self.device = device
+        self.dtype, self.autocast = run._precision(cfg.train.precision, device)
+        self.method = get_method_class(method)(cfg.method, cfg.model, "causal_lm")
+        self.method.validate()
+        data_mod.check_config(cfg.dataset)
+        loaded = models.load(cfg.model, "causal_lm", cfg.dataset.num_labels, self.method.load_kwargs(device), self.dtype)
+        self.tokenizer = loaded.tokenizer
+        base = self.method.prepare_base(loaded.model)
+        self.model = self.method.adapt(base)
+        if not getattr(self.model, "is_loaded_in_4bit", False):
+            self.model.to(device)
+        self.footprint = self.model.get_memory_footprint()
+        self.counts = metrics.count_parameters(self.model)
+        self.examples = examples(args, self.model.get_base_model().config.vocab_size)
+        self.tmp = Path(tempfile.mkdtemp(prefix="peft_lab_bench_"))
+
+    def block(self) -> list[float]:
+        from peft_lab import training
+
+        result = training.train(
+            self.model,
+            self.method,
+            self.examples,
+            cfg=self.cfg,
+            task="causal_lm",
+            tokenizer=self.tokenizer,
+            device=self.device,
+            autocast=self.autocast,
+            run_dir=self.tmp,
+            on_log=lambda *a: None,
+            on_eval=lambda s: None,
+        )
+        return result.step_times
+
+
+class Bare:
+    """The baseline: a minimal hand-written PyTorch + PEFT LoRA loop over the same batches."""
+
+    def __init__(self, args: argparse.Namespace, device: str) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from peft_lab import models, run
+
+        cfg = compose(args.model, "lora", [], args)
+        self.dtype, self.autocast = run._precision(cfg.train.precision, device)
+        loaded = models.load(cfg.model, "causal_lm", cfg.dataset.num_labels, {}, self.dtype)
+        mc = cfg.method
+        lora = LoraConfig(
+            r=mc.r,
+            lora_alpha=mc.lora_alpha,
+            lora_dropout=mc.lora_dropout,
+            target_modules=list(mc.target_modules or cfg.model.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(loaded.model, lora).to(device)
+        self.device, self.lr, self.args = device, mc.lr, args
+        ex = examples(args, self.model.get_base_model().config.vocab_size)
+        self.batches = []
+        for i in range(0, len(ex) - args.batch + 1, args.batch):
+            ids = torch.tensor([e["input_ids"] for e in ex[i : i + args.batch]], device=device)
+            self.batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        self.max_grad_norm = cfg.train.max_grad_norm
+
+    def block(self) -> list[float]:
+        import torch
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr)
+        n = self.args.warmup + self.args.steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n)
+        self.model.train()
+        times = []
+        for step in range(n):
+            batch = self.batches[step % len(self.batches)]
+            t0 = time.perf_counter()
+            with self.autocast():
+                loss = self.model(**batch).loss
+            loss.backward()
+            loss.item()
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def examples(args: argparse.Namespace, vocab: int) -> list[dict]:
+    """Fixed random token blocks (seeded), enough for every step of a block."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = args.batch * (args.warmup + args.steps)
+    ids = torch.randint(3, vocab, (n, args.seq), generator=g)
+    return [{"input_ids": row.tolist()} for row in ids]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    from peft_lab import run
+
+    torch.set_num_threads(args.threads)
+    device = run._device(args.device)
+    specs = [spec(s) for s in args.methods.split(",") if s.strip()]
+    results = {label: Result(label, method, extra) for label, method, extra in specs}
+    runners: dict = {}
+    for label, method, extra in specs:
+        try:
+            runners[label] = Framework(label, method, extra, args, device)
+        except Exception as err:  # one method that cannot run here (e.g. QLoRA on a CPU build) is reported
+            results[label].error = f"{type(err).__name__}: {err}"[:300]
+            print(f"[bench] {label}: cannot run here: {results[label].error}", flush=True)
+    if args.bare:
+        results[BARE] = Result(BARE, "lora", [])
+        runners[BARE] = Bare(args, device)
+    for label, r in runners.items():
+        res = results[label]
+        model = r.model
+        res.footprint_mib = model.get_memory_footprint() / 2**20
+        res.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    order = list(runners)
+    for rep in range(args.repeats):
+        for label in order if rep % 2 == 0 else order[::-1]:  # alternate the order too
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            times = runners[label].block()[args.warmup :]
+            res = results[label]
+            res.block_medians_s.append(statistics.median(times))
+            if device.startswith("cuda"):
+                peak = torch.cuda.max_memory_allocated() / 2**20
+                res.peak_memory_mib = max(res.peak_memory_mib or 0, peak)
+                res.peak_memory_kind = "cuda_max_allocated"
+            print(f"[bench] repeat {rep + 1}/{args.repeats} {label}: {1000 * res.block_medians_s[-1]:.1f} ms/step", flush=True)
+    tokens_per_step = args.batch * args.seq
+    for label, r in runners.items():
+        res = results[label]
+        res.step_s = statistics.median(res.block_medians_s)
+        res.tokens_per_s = tokens_per_step / res.step_s
+        if isinstance(r, Framework):
+            res.method_metrics = {k: v for k, v in r.method.metrics(r.model).items() if isinstance(v, (int, float, str))}
+    if args.memory and not device.startswith("cuda"):
+        for label, method, extra in specs:
+            if not results[label].error:
+                results[label].peak_memory_mib = memory_probe(label, args)
+                results[label].peak_memory_kind = "process_peak_rss"
+    return {"results": results, "device": device}
+
+
+def memory_probe(label: str, args: argparse.Namespace) -> Optional[float]:
+    """Peak RSS (MiB) of a fresh process that builds ``label`` and trains warmup + 2 steps."""
+    cmd = [sys.executable, "-m", "peft_lab.bench", "--probe", label, "--model", args.model, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", "2", "--threads", str(args.threads),
+           "--device", args.device, "--precision", args.precision]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEAK_RSS_MIB="):
+            return float(line.split("=", 1)[1])
+    print(f"[bench] memory probe {label} failed: {proc.stderr[-500:]}", flush=True)
+    return None
+
+
+def probe(args: argparse.Namespace) -> None:
+    import torch
+
+    from peft_lab import run
+
+    torch.set_num_threads(args.threads)
+    label, method, extra = spec(args.probe)
+    Framework(label, method, extra, args, run._device(args.device)).block()
+    print(f"PEAK_RSS_MIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}", flush=True)
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def startup(args: argparse.Namespace) -> dict:
+    """``train.py --cfg job`` wall time (median of 3) and each cell's time to its first step in a
+    2-cell local sweep on the tiny model (process start -> first optimizer step done)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PEFT_LAB_THREADS=str(args.threads))
+    cfg_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg", "job"], env=env, capture_output=True, check=True)
+        cfg_times.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory(prefix="peft_lab_startup_") as tmp:
+        cmd = [sys.executable, str(REPO / "train.py"), "-m", "method=lora,hira", "experiment=smoke", "logger=none",
+               "train.max_steps=2", f"hydra.sweep.dir={tmp}/sweep"]  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
+        sweep_s = time.perf_counter() - t0
+        firsts = {}
+        for path in sorted(Path(tmp, "sweep").glob("*/metrics.json")):
+            m = json.loads(path.read_text())
+            firsts[m["method"]] = m.get("time_to_first_step_s")
+    return {
+        "cfg_job_s_median": statistics.median(cfg_times),
+        "cfg_job_s": cfg_times,
+        "tiny_sweep_2_cells_s": sweep_s,
+        "tiny_sweep_ok": proc.returncode == 0,
+        "time_to_first_step_s": firsts,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine(device: str, threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def table(out: dict) -> str:
+    res = out["results"]
+    lora = res.get("lora")
+    lines = [
+        "| method | step (ms) | spread (ms) | tokens/s | step vs LoRA | speed vs LoRA | peak mem (MiB) | mem vs LoRA | "
+        "footprint (MiB) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res.values():
+        if r.error:
+            lines.append(f"| {r.label} | – | – | – | – | – | – | – | – | cannot run here: {r.error[:80]} |")
+            continue
+        spread = f"{1000 * min(r.block_medians_s):.0f}–{1000 * max(r.block_medians_s):.0f}"
+        notes = []
+        mm = r.method_metrics
+        if "sparselora_flops_skipped" in mm:
+            notes.append(f"{100 * mm['sparselora_flops_skipped']:.0f} % base FLOPs skipped")
+        if "quant_linear_bytes_ratio_vs_bf16" in mm:
+            notes.append(f"4-bit linear bytes {mm['quant_linear_bytes_ratio_vs_bf16']:.3f}× bf16")
+        if r.label == BARE:
+            notes.append("hand-written PyTorch + PEFT loop")
+
+        def fx(v, fmt, unit=""):
+            return "–" if v is None else format(v, fmt) + unit
+
+        lines.append(
+            f"| {r.label} | {1000 * r.step_s:.0f} | {spread} | {r.tokens_per_s:,.0f} | "
+            f"{fx(ratio(r.step_s, lora.step_s if lora else None), '.2f', '×')} | "
+            f"{fx(ratio(lora.step_s if lora else None, r.step_s), '.2f', '×')} | {fx(r.peak_memory_mib, ',.0f')} | "
+            f"{fx(ratio(r.peak_memory_mib, lora.peak_memory_mib if lora else None), '.2f', '×')} | "
+            f"{fx(r.footprint_mib, ',.1f')} | {'; '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(out: dict) -> list[dict]:
+    res = out["results"]
+    lora, bare = res.get("lora"), res.get(BARE)
+    rows = []
+
+    def add(name: str, value: Optional[float], goal: str, ok: Optional[bool]) -> None:
+        rows.append({"target": name, "measured": value, "goal": goal, "met": ok})
+
+    if lora and bare and lora.step_s and bare.step_s:
+        v = bare.step_s / lora.step_s
+        add("framework LoRA steps/s vs bare loop", v, ">= 0.97", v >= 0.97)
+    for r in res.values():
+        if r.method == "sparselora" and lora and r.step_s:
+            v = lora.step_s / r.step_s
+            add(f"{r.label} speed vs LoRA (per step)", v, ">= 1.3 (CPU), 1.6 (H200, 1B)", v >= 1.3)
+        if r.method == "hira" and lora and r.step_s:
+            v = r.step_s / lora.step_s
+            add("HiRA step time vs LoRA", v, "<= 1.2", v <= 1.2)
+        if r.method == "qlora" and "quant_linear_bytes_ratio_vs_bf16" in r.method_metrics:
+            v = r.method_metrics["quant_linear_bytes_ratio_vs_bf16"]
+            add("QLoRA linear-weight bytes vs bf16", v, "<= 0.30", v <= 0.30)
+            if lora and r.peak_memory_mib and lora.peak_memory_mib:
+                add("QLoRA peak memory vs LoRA (reported)", r.peak_memory_mib / lora.peak_memory_mib, "compare", None)
+    st = out.get("startup")
+    if st:
+        add("train.py --cfg job (s)", st["cfg_job_s_median"], "< 2", st["cfg_job_s_median"] < 2)
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m peft_lab.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-shape", help="a model config: smollm2-135m-shape, tiny, llama-1b-shape, ...")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; variants as 'name:key=v;key=v'")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 4 on CPU, 8 on CUDA)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128 on CPU, 512 on CUDA)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved blocks per method")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
+    p.add_argument("--no-bare", dest="bare", action="store_false", help="skip the hand-written baseline loop")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the per-method peak-RSS probes")
+    p.add_argument("--no-startup", dest="startup", action="store_false", help="skip the start-up timings")
+    p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.batch is None or args.seq is None:
+        import torch
+
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        args.batch = args.batch or (8 if cuda else 4)
+        args.seq = args.seq or (512 if cuda else 128)
+    if args.probe:
+        probe(args)
+        return 0
+    t0 = time.perf_counter()
+    out = measure(args)
+    if args.startup:
+        out["startup"] = startup(args)
+    out["machine"] = machine(out["device"], args.threads)
+    out["settings"] = {k: v for k, v in vars(args).items() if k != "probe" and not isinstance(v, Path)}
+    out["targets"] = targets(out)
+    out["bench_wall_s"] = time.perf_counter() - t0
+    text = table(out)
+    print("\n" + text)
+    for t in out["targets"]:
+        mark = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        print(f"  {t['target']}: {t['measured']:.3f} (goal {t['goal']}): {mark}")
+    if "startup" in out:
+        print(f"  time to first step per cell (tiny, 2-cell sweep): {out['startup']['time_to_first_step_s']}")
+    data = {**out, "results": {k: asdict(v) for k, v in out["results"].items()}, "table_markdown": text}
+    args.out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    print(f"\nmachine: {out['machine']}\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
