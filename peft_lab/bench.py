@@ -7,7 +7,8 @@ and each method, on the current device:
   ``--repeats`` blocks; methods run **interleaved** (block 1 of every method, then block
   2, ...), so noise on a shared machine hits them alike; the figure is the median of
   the block medians, with the spread of the block medians;
-- tokens/s (batch × sequence / step time);
+- tokens/s (batch × sequence / step time); the default task is SST-2's (classification,
+  random tokens, only the pooled last token an output token), ``--task causal_lm`` the other;
 - peak memory: CUDA max allocated per block; on CPU each method's peak RSS in a fresh
   process (``--memory``), since a process's RSS peak cannot be reset;
 - model footprint (parameters + buffers), the method's own figures (QLoRA's 4-bit
@@ -72,7 +73,7 @@ def compose(model: str, method: str, extra: list[str], args: argparse.Namespace)
     overrides = [
         f"method={method}",
         f"model={model}",
-        "dataset=wikitext2",
+        f"dataset={'sst2' if args.task == 'classification' else 'wikitext2'}",
         "logger=none",
         f"train.batch_size={args.batch}",
         f"train.max_steps={args.warmup + args.steps}",
@@ -106,10 +107,11 @@ class Framework:
         self.cfg = cfg = compose(args.model, method, extra, args)
         self.device = device
         self.dtype, self.autocast = run._precision(cfg.train.precision, device)
-        self.method = get_method_class(method)(cfg.method, cfg.model, "causal_lm")
+        self.task = args.task
+        self.method = get_method_class(method)(cfg.method, cfg.model, args.task)
         self.method.validate()
         data_mod.check_config(cfg.dataset)
-        loaded = models.load(cfg.model, "causal_lm", cfg.dataset.num_labels, self.method.load_kwargs(device), self.dtype)
+        loaded = models.load(cfg.model, args.task, cfg.dataset.num_labels, self.method.load_kwargs(device), self.dtype)
         self.tokenizer = loaded.tokenizer
         base = self.method.prepare_base(loaded.model)
         self.model = self.method.adapt(base)
@@ -128,7 +130,7 @@ class Framework:
             self.method,
             self.examples,
             cfg=self.cfg,
-            task="causal_lm",
+            task=self.task,
             tokenizer=self.tokenizer,
             device=self.device,
             autocast=self.autocast,
@@ -150,22 +152,26 @@ class Bare:
 
         cfg = compose(args.model, "lora", [], args)
         self.dtype, self.autocast = run._precision(cfg.train.precision, device)
-        loaded = models.load(cfg.model, "causal_lm", cfg.dataset.num_labels, {}, self.dtype)
+        loaded = models.load(cfg.model, args.task, cfg.dataset.num_labels, {}, self.dtype)
         mc = cfg.method
+        cls = args.task == "classification"
         lora = LoraConfig(
             r=mc.r,
             lora_alpha=mc.lora_alpha,
             lora_dropout=mc.lora_dropout,
             target_modules=list(mc.target_modules or cfg.model.target_modules),
-            task_type="CAUSAL_LM",
+            modules_to_save=list(cfg.model.cls_head_modules) if cls else None,
+            task_type="SEQ_CLS" if cls else "CAUSAL_LM",
         )
         self.model = get_peft_model(loaded.model, lora).to(device)
         self.device, self.lr, self.args = device, mc.lr, args
         ex = examples(args, self.model.get_base_model().config.vocab_size)
         self.batches = []
         for i in range(0, len(ex) - args.batch + 1, args.batch):
-            ids = torch.tensor([e["input_ids"] for e in ex[i : i + args.batch]], device=device)
-            self.batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+            chunk = ex[i : i + args.batch]
+            ids = torch.tensor([e["input_ids"] for e in chunk], device=device)
+            labels = torch.tensor([e["labels"] for e in chunk], device=device) if cls else ids
+            self.batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         self.max_grad_norm = cfg.train.max_grad_norm
 
     def block(self) -> list[float]:
@@ -195,12 +201,16 @@ class Bare:
 
 
 def examples(args: argparse.Namespace, vocab: int) -> list[dict]:
-    """Fixed random token blocks (seeded), enough for every step of a block."""
+    """Fixed random token sequences (seeded), enough for every step of a block; random binary
+    labels for classification (SST-2's setting: only the pooled last token is an output token)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     n = args.batch * (args.warmup + args.steps)
     ids = torch.randint(3, vocab, (n, args.seq), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    if args.task == "classification":
+        return [{"input_ids": row.tolist(), "labels": int(y)} for row, y in zip(ids, labels)]
     return [{"input_ids": row.tolist()} for row in ids]
 
 
@@ -244,16 +254,21 @@ def measure(args: argparse.Namespace) -> dict:
                 peak = torch.cuda.max_memory_allocated() / 2**20
                 res.peak_memory_mib = max(res.peak_memory_mib or 0, peak)
                 res.peak_memory_kind = "cuda_max_allocated"
-            print(f"[bench] repeat {rep + 1}/{args.repeats} {label}: {1000 * res.block_medians_s[-1]:.1f} ms/step", flush=True)
+            print(
+                f"[bench] repeat {rep + 1}/{args.repeats} {label}: {1000 * res.block_medians_s[-1]:.1f} ms/step",
+                flush=True,
+            )
     tokens_per_step = args.batch * args.seq
     for label, r in runners.items():
         res = results[label]
         res.step_s = statistics.median(res.block_medians_s)
         res.tokens_per_s = tokens_per_step / res.step_s
         if isinstance(r, Framework):
-            res.method_metrics = {k: v for k, v in r.method.metrics(r.model).items() if isinstance(v, (int, float, str))}
+            res.method_metrics = {
+                k: v for k, v in r.method.metrics(r.model).items() if isinstance(v, (int, float, str))
+            }
     if args.memory and not device.startswith("cuda"):
-        for label, method, extra in specs:
+        for label in results:
             if not results[label].error:
                 results[label].peak_memory_mib = memory_probe(label, args)
                 results[label].peak_memory_kind = "process_peak_rss"
@@ -262,7 +277,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def memory_probe(label: str, args: argparse.Namespace) -> Optional[float]:
     """Peak RSS (MiB) of a fresh process that builds ``label`` and trains warmup + 2 steps."""
-    cmd = [sys.executable, "-m", "peft_lab.bench", "--probe", label, "--model", args.model, "--batch", str(args.batch),
+    cmd = [sys.executable, "-m", "peft_lab.bench", "--probe", label, "--model", args.model, "--task", args.task,
+           "--batch", str(args.batch),
            "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", "2", "--threads", str(args.threads),
            "--device", args.device, "--precision", args.precision]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -279,8 +295,12 @@ def probe(args: argparse.Namespace) -> None:
     from peft_lab import run
 
     torch.set_num_threads(args.threads)
-    label, method, extra = spec(args.probe)
-    Framework(label, method, extra, args, run._device(args.device)).block()
+    device = run._device(args.device)
+    if args.probe == BARE:
+        Bare(args, device).block()
+    else:
+        label, method, extra = spec(args.probe)
+        Framework(label, method, extra, args, device).block()
     print(f"PEAK_RSS_MIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}", flush=True)
 
 
@@ -294,7 +314,9 @@ def startup(args: argparse.Namespace) -> dict:
     cfg_times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg", "job"], env=env, capture_output=True, check=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "train.py"), "--cfg", "job"], env=env, capture_output=True, check=True
+        )
         cfg_times.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(prefix="peft_lab_startup_") as tmp:
         cmd = [sys.executable, str(REPO / "train.py"), "-m", "method=lora,hira", "experiment=smoke", "logger=none",
@@ -402,8 +424,17 @@ def targets(out: dict) -> list[dict]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m peft_lab.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m-shape", help="a model config: smollm2-135m-shape, tiny, llama-1b-shape, ...")
+    p.add_argument(
+        "--model", default="smollm2-135m-shape", help="a model config: smollm2-135m-shape, tiny, llama-1b-shape, ..."
+    )
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; variants as 'name:key=v;key=v'")
+    p.add_argument(
+        "--task",
+        choices=["classification", "causal_lm"],
+        default="classification",
+        help="classification (SST-2's setting, the default) or causal_lm (every token is an output token, "
+        "so SparseLoRA's output tokens stay dense and it has nothing to skip unless method.dense_output_tokens=false)",
+    )
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 4 on CPU, 8 on CUDA)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128 on CPU, 512 on CUDA)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per block")

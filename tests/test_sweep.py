@@ -66,6 +66,8 @@ def test_smoke_grid_completes_with_metrics(smoke_sweep):
         assert 0 < m["trainable_params"] < m["total_params"]
         assert m["adapter_bytes"] > 0 and m["peak_memory_bytes"] > 0 and m["tokens_per_s"] > 0
         assert m["versions"]["peft"] and m["versions"]["torch"]
+        # start-up cost: process start -> first optimizer step, longer than the imports, shorter than the run
+        assert 1.0 < m["time_to_first_step_s"] < m["run_wall_s"] + 30 and m["step_time_median_s"] > 0
     by_ds = {m["dataset"]: m for m in cells.values()}
     assert set(by_ds) == {"sst2", "imdb", "wikitext2"}
     assert 0.0 <= by_ds["sst2"]["eval"]["accuracy"] <= 1.0 and "macro_f1" in by_ds["imdb"]["eval"]
