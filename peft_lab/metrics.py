@@ -70,18 +70,39 @@ def dir_size(path: Path) -> int:
 
 
 def reset_peak_memory(device: str) -> None:
+    """CUDA: reset the allocator's peak. CPU (Linux): reset the process's peak RSS (VmHWM, via
+    /proc/self/clear_refs), so the peak covers what follows (training), not model loading."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_memory(device: str) -> dict[str, Any]:
-    """CUDA peak allocated since the reset (one per run), or this process's peak RSS on CPU."""
+    """CUDA peak allocated since the reset, or this process's peak RSS since the reset on CPU
+    (Linux; elsewhere the peak RSS of the whole process)."""
     if device.startswith("cuda"):
         import torch
 
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return {"peak_memory_bytes": hwm, "peak_memory_kind": "process_peak_rss_since_model_load"}
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_memory_bytes": int(rss_kib) * 1024, "peak_memory_kind": "process_peak_rss"}
 

@@ -402,7 +402,7 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
         ax.set_xlabel("method")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(title="dataset", fontsize="small")
+        ax.legend(title="dataset", fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
         fig.tight_layout()
         return fig
 

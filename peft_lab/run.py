@@ -103,6 +103,10 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | Non
         model.to(device)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_train, ds.max_train_samples)
     eval_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_eval, ds.max_eval_samples)
+    import gc
+
+    gc.collect()
+    metrics.reset_peak_memory(device)  # the peak covers training + evaluation, not the loading transient
     record.update(
         model_source=loaded.source,
         base_model_folder=loaded.folder,

@@ -27,7 +27,7 @@ def test_bench_measures_each_method_and_the_bare_loop(cli_env, tmp_path):
     data = json.loads(out.read_text())
     res = data["results"]
     variant = VARIANT
-    assert list(res) == ["lora", "hira", variant, "bare-lora"]
+    assert list(res) == ["lora", "bare-lora", "hira", variant]  # bare right after LoRA: paired back to back
     for label, r in res.items():
         assert len(r["block_medians_s"]) == 2 and r["step_s"] > 0 and r["tokens_per_s"] > 0, label
         assert r["trainable_params"] > 0 and r["footprint_mib"] > 0

@@ -41,7 +41,7 @@ NAME = "sparselora"
 class Config(lora.Config):
     name: str = NAME
     mlp_sparsity: float = 0.5  # fraction of MLP intermediate channels skipped in sparse layers
-    attn_sparsity: float = 0.25  # fraction of Q/K and V/O channels skipped in sparse layers
+    attn_sparsity: float = 0.0  # fraction of Q/K and V/O channels skipped in sparse layers (see the yaml)
     layer_sparsity: Dict[str, float] = field(default_factory=dict)  # per-layer MLP override {"5": 0.9}
     dense_first_layers: int = 2
     dense_last_layers: int = 1
