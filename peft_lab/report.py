@@ -278,7 +278,7 @@ def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "")
     lines += [
         "",
         "Each cell: main metric (mean ± sample std over seeds; n = seeds), trainable parameters, "
-        "peak memory (CUDA max allocated, or process peak RSS on CPU), training wall time.",
+        "peak memory (CUDA max allocated, or on CPU the process's peak RSS after the model is loaded), training wall time.",
     ]
     if max_n > 1:
         lines.append(
