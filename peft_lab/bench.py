@@ -58,6 +58,7 @@ class Result:
     peak_memory_kind: str = ""
     footprint_mib: Optional[float] = None
     trainable_params: Optional[int] = None
+    total_params: Optional[int] = None  # for MFU: 6 * total_params * tokens_per_s / peak FLOP/s (approx.)
     method_metrics: dict = field(default_factory=dict)
     error: str = ""
 
@@ -249,6 +250,7 @@ def measure(args: argparse.Namespace) -> dict:
         model = r.model
         res.footprint_mib = model.get_memory_footprint() / 2**20
         res.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        res.total_params = sum(p.numel() for p in model.parameters())
     order = list(runners)
     for rep in range(args.repeats):
         for label in order if rep % 2 == 0 else order[::-1]:  # alternate the order too
