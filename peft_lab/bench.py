@@ -103,7 +103,7 @@ class Framework:
 
     def __init__(self, label: str, method: str, extra: list[str], args: argparse.Namespace, device: str) -> None:
         from peft_lab import data as data_mod
-        from peft_lab import metrics, models, run
+        from peft_lab import run
         from peft_lab.methods import get_method_class
 
         self.cfg = cfg = compose(args.model, method, extra, args)
@@ -113,14 +113,8 @@ class Framework:
         self.method = get_method_class(method)(cfg.method, cfg.model, args.task)
         self.method.validate()
         data_mod.check_config(cfg.dataset)
-        loaded = models.load(cfg.model, args.task, cfg.dataset.num_labels, self.method.load_kwargs(device), self.dtype)
+        loaded, self.model, _ = run.build_model(cfg, self.method, args.task, device, self.dtype)
         self.tokenizer = loaded.tokenizer
-        base = self.method.prepare_base(loaded.model)
-        self.model = self.method.adapt(base)
-        if not getattr(self.model, "is_loaded_in_4bit", False):
-            self.model.to(device)
-        self.footprint = self.model.get_memory_footprint()
-        self.counts = metrics.count_parameters(self.model)
         self.examples = examples(args, self.model.get_base_model().config.vocab_size)
         self.tmp = Path(tempfile.mkdtemp(prefix="peft_lab_bench_"))
 
@@ -245,12 +239,13 @@ def measure(args: argparse.Namespace) -> dict:
             keys.insert(keys.index("lora") + 1, BARE)
         runners = {k: runners[k] for k in keys}
         results = {k: results[k] for k in keys}
+    from peft_lab.metrics import count_parameters
+
     for label, r in runners.items():
         res = results[label]
-        model = r.model
-        res.footprint_mib = model.get_memory_footprint() / 2**20
-        res.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        res.total_params = sum(p.numel() for p in model.parameters())
+        counts = count_parameters(r.model)
+        res.footprint_mib = r.model.get_memory_footprint() / 2**20
+        res.trainable_params, res.total_params = counts["trainable_params"], counts["total_params"]
     order = list(runners)
     for rep in range(args.repeats):
         for label in order if rep % 2 == 0 else order[::-1]:  # alternate the order too

@@ -143,9 +143,13 @@ def process_start_time() -> float | None:
         return None
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     """Write then rename, so a reader (or a crash) never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from peft_lab.metrics import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,12 @@ def _mean(xs: list) -> Optional[float]:
 
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every cell of the sweep: those with a metrics.json, plus manifest cells that have none (missing)."""
+    from peft_lab.sweep import read_manifest, read_metrics
+
     sweep_dir = Path(sweep_dir)
     runs, seen = [], set()
     for path in sorted(sweep_dir.glob("*/metrics.json")):
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            m = {"status": "unreadable"}
+        m = read_metrics(path.parent) or {"status": "unreadable"}
         seen.add(path.parent.name)
         mem = m.get("peak_memory_bytes")
         runs.append(
@@ -149,11 +148,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 error=str(m.get("error", ""))[:200],
             )
         )
-    try:
-        manifest = json.loads((sweep_dir / ".cells" / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    for c in manifest.get("cells", []):
+    for c in read_manifest(sweep_dir).get("cells", []):
         name = Path(c.get("run_dir") or "").name
         if name in seen or "method" not in c:
             continue
@@ -436,12 +431,6 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
 # ----------------------------------------------------------------------------- build
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def sweep_logger(sweep_dir: Path) -> Optional[dict]:
     """The sweep's logger config, from the multirun.yaml Hydra wrote into the sweep dir."""
     path = Path(sweep_dir) / "multirun.yaml"
@@ -470,9 +459,9 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
     out_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, datasets, cells, title=f"Sweep report: {sweep_dir.name}")
     paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "runs_csv": out_dir / "runs.csv"}
-    _atomic_write(paths["markdown"], md)
-    _atomic_write(paths["csv"], table_csv(rows, datasets, cells))
-    _atomic_write(paths["runs_csv"], runs_csv(runs))
+    write_atomic(paths["markdown"], md)
+    write_atomic(paths["csv"], table_csv(rows, datasets, cells))
+    write_atomic(paths["runs_csv"], runs_csv(runs))
     import matplotlib.pyplot as plt
 
     for name, fig in figures(rows, datasets, cells).items():
@@ -480,7 +469,7 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
         paths[name] = out_dir / f"{name}.png"
-        _atomic_write(paths[name], buf.getvalue())
+        write_atomic(paths[name], buf.getvalue())
     if not quiet:
         print(md, flush=True)
         print(f"Report written to {out_dir}", flush=True)
@@ -495,12 +484,13 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
 
 
 def log_to_wandb(sweep_dir: Path, out_dir: Path, lc: dict, runs, rows, datasets, cells) -> Optional[str]:
-    from types import SimpleNamespace
+    from omegaconf import OmegaConf
 
     from peft_lab import tracking
+    from peft_lab.schemas import LoggerConfig
 
-    lcfg = SimpleNamespace(**{"project": "peft_lab", "entity": None, "mode": "auto", "init_timeout": 30, **lc})
-    group = tracking.sweep_group(sweep_dir, lc.get("group"))
+    lcfg = OmegaConf.merge(OmegaConf.structured(LoggerConfig(name="wandb")), lc)  # the schema's defaults
+    group = tracking.sweep_group(sweep_dir, lcfg.group)
     tracker = tracking.make_tracker(
         lcfg, out_dir, group, "report", {"sweep_dir": sweep_dir.name, "rows": rows, "datasets": datasets},
         ["report"], job_type="report",

@@ -7,6 +7,7 @@ so a bad combination fails in a second with a one-line message and exit code 2.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import statistics
@@ -51,16 +52,20 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run_cell(cfg, run_dir, record, sweep_dir, t0)
     except BaseException as err:
-        # SystemExit / KeyboardInterrupt here is a preemption or timeout signal (submitit requeues the
-        # task, which resumes from its checkpoint): the run is interrupted, not failed.
-        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
-        record.update(status="interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}")
+        record.update(failure(err))
         write_json_atomic(run_dir / METRICS_FILE, record)
         if isinstance(err, UserError) and not multirun:
             log.error(str(err))
             print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+
+
+def failure(err: BaseException | None) -> dict:
+    """Status + error for a run that ended by ``err``. SystemExit / KeyboardInterrupt is a preemption
+    or timeout signal (submitit requeues the task, which resumes from its checkpoint): interrupted."""
+    interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+    return {"status": "interrupted" if interrupted else "failed", "error": f"{type(err).__name__}: {err}"}
 
 
 def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | None, t0: float) -> float | None:
@@ -88,23 +93,12 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | Non
     set_seed(cfg.seed)
     device = _device(cfg.train.device)
     dtype, autocast = _precision(cfg.train.precision, device)
-    metrics.reset_peak_memory(device)
     record.update(device=device, torch_threads=threads, precision=str(dtype).replace("torch.", ""))
 
     # --- model + method
-    loaded = models.load(mc, task, ds.num_labels, method.load_kwargs(device), dtype)
-    loaded.model = method.prepare_base(loaded.model)
-    base_footprint = loaded.model.get_memory_footprint()
-    model = method.adapt(loaded.model)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit weights were placed by device_map
-        model.to(device)
+    loaded, model, base_footprint = build_model(cfg, method, task, device, dtype)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_train, ds.max_train_samples)
     eval_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_eval, ds.max_eval_samples)
-    import gc
-
     gc.collect()
     metrics.reset_peak_memory(device)  # the peak covers training + evaluation, not the loading transient
     record.update(
@@ -204,6 +198,21 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | Non
             }
         tracker.summary(record)
         tracker.finish(failed=failed)
+
+
+def build_model(cfg: DictConfig, method: Any, task: str, device: str, dtype: Any) -> tuple[Any, Any, int]:
+    """Load the base model, let the method prepare and adapt it, place it on ``device``:
+    (loaded, adapted model, base footprint in bytes). Runs and ``peft_lab.bench`` share this path."""
+    loaded = models.load(cfg.model, task, cfg.dataset.num_labels, method.load_kwargs(device), dtype)
+    loaded.model = method.prepare_base(loaded.model)
+    base_footprint = loaded.model.get_memory_footprint()
+    model = method.adapt(loaded.model)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit weights were placed by device_map
+        model.to(device)
+    return loaded, model, base_footprint
 
 
 def _since_start(t: float | None) -> float | None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from peft_lab.metrics import write_atomic
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
@@ -133,7 +135,7 @@ def write_manifest(sweep_dir: Path, cells: list, launcher: str, **extra: Any) ->
     data = {k: v for k, v in old.items() if k != "cells"} if old.get("launcher_pid") == os.getpid() else {}
     data.update(stamp, sweep_dir=str(sweep_dir), updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
     data["cells"] = sorted(entries.values(), key=lambda e: (e.get("idx", 0), e["name"]))
-    _atomic_write(sweep_dir / CELLS_DIR / MANIFEST_FILE, json.dumps(data, indent=1))
+    write_atomic(sweep_dir / CELLS_DIR / MANIFEST_FILE, json.dumps(data, indent=1))
 
 
 def read_manifest(sweep_dir: Path) -> dict:
@@ -473,16 +475,10 @@ def write_summary(sweep_dir: Path, cells: list[Cell]) -> str:
     counts = {s: sum(c.status == s for c in cells) for s in ("completed", "skipped", "failed")}
     footer = ", ".join(f"{n} {s}" for s, n in counts.items())
     text = f"Sweep summary ({footer})\n{table}\n"
-    _atomic_write(sweep_dir / "summary.md", f"# {text}")
+    write_atomic(sweep_dir / "summary.md", f"# {text}")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else cols)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(sweep_dir / "summary.csv", buf.getvalue())
+    write_atomic(sweep_dir / "summary.csv", buf.getvalue())
     return text
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -143,19 +143,20 @@ def derive_group(sweep_dir: Path) -> str:
     return re.sub(r"[^\w.=,-]+", "_", name).strip("_") or "sweep"
 
 
+def _pinned(sweep_dir: Path) -> Optional[str]:
+    path = Path(sweep_dir) / ".cells" / GROUP_FILE
+    return (path.read_text().strip() or None) if path.exists() else None
+
+
 def pin_group(sweep_dir: Path, explicit: Optional[str]) -> str:
     """Called by the launcher: the sweep's group, written once so every later run (re-run, requeue) reuses it."""
-    path = Path(sweep_dir) / ".cells" / GROUP_FILE
-    if explicit:
-        group = explicit
-    elif path.exists() and path.read_text().strip():
-        return path.read_text().strip()
-    else:
-        group = derive_group(sweep_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(group + "\n")
-    os.replace(tmp, path)
+    from peft_lab.metrics import write_atomic
+
+    if not explicit and (pinned := _pinned(sweep_dir)):
+        return pinned
+    group = explicit or derive_group(sweep_dir)
+    (Path(sweep_dir) / ".cells").mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(sweep_dir) / ".cells" / GROUP_FILE, group + "\n")
     return group
 
 
@@ -164,19 +165,17 @@ def sweep_group(sweep_dir: Optional[Path], explicit: Optional[str]) -> str:
         return explicit
     if sweep_dir is None:
         return SINGLE_RUN_GROUP
-    path = Path(sweep_dir) / ".cells" / GROUP_FILE
-    if path.exists() and path.read_text().strip():
-        return path.read_text().strip()
-    return derive_group(sweep_dir)
+    return _pinned(sweep_dir) or derive_group(sweep_dir)
 
 
 def seeds_vary(sweep_dir: Optional[Path], own_overrides: list[str]) -> bool:
     """True when the sweep's cells use more than one seed (read from its manifest)."""
+    from peft_lab.sweep import read_manifest
+
     if sweep_dir is None:
         return False
-    try:
-        manifest = json.loads((Path(sweep_dir) / ".cells" / "manifest.json").read_text())
-    except (OSError, ValueError):
+    manifest = read_manifest(sweep_dir)
+    if not manifest:
         return any(o.startswith("seed=") for o in own_overrides)
     seeds = {
         o.split("=", 1)[1] for c in manifest.get("cells", []) for o in c.get("overrides", []) if o.startswith("seed=")

@@ -44,20 +44,24 @@ def cli_env(cache_dir) -> dict:
     return env
 
 
+def train_cli(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in ``cwd``, as a user runs it; output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def run_cli(cli_env, tmp_path):
-    """Run `python train.py ...` as a user would; returns the CompletedProcess."""
+    """Run `python train.py ...` in the test's tmp dir; returns the CompletedProcess."""
 
     def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-        full_env = dict(cli_env, **(env or {}))
-        return subprocess.run(
-            [sys.executable, str(REPO / "train.py"), *args],
-            cwd=tmp_path,
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return train_cli(list(args), tmp_path, dict(cli_env, **(env or {})), timeout)
 
     return run
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, train_cli
 
 
 def _slurm_answers() -> bool:
@@ -42,17 +42,6 @@ GRID = ["method=lora,qlora,hira,sparse", "dataset=sst2,imdb,wikitext2"]
 # which submitit ignores SIGTERM and training goes on); ~20-40 s of training on the tiny model
 STEPS = 4500
 LONG = ["dataset=sst2", f"train.max_steps={STEPS}", "train.checkpoint_every=50"]
-
-
-def _train(args: list[str], cwd: Path, env: dict, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _start(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -103,7 +92,7 @@ def grid(tmp_path_factory, cli_env):
     sweep = root / "sweep"
     t0 = time.time()
     with_wandb = [a for a in SLURM if not a.startswith("logger=")] + ["logger=wandb", "logger.mode=offline"]
-    proc = _train(["-m", *GRID, *with_wandb, f"hydra.sweep.dir={sweep}"], root, cli_env, timeout=600)
+    proc = train_cli(["-m", *GRID, *with_wandb, f"hydra.sweep.dir={sweep}"], root, cli_env, timeout=600)
     wall = time.time() - t0
     return sweep, proc, wall
 
@@ -148,7 +137,7 @@ def test_rerun_runs_no_completed_cell_again(grid, cli_env):
     assert first.returncode == 0
     before = {n: m["finished_at"] for n, m in _cells(sweep).items()}
     tasks = _task_dirs(sweep)
-    proc = _train(["-m", *GRID, *SLURM, f"hydra.sweep.dir={sweep}"], sweep.parent, cli_env, timeout=300)
+    proc = train_cli(["-m", *GRID, *SLURM, f"hydra.sweep.dir={sweep}"], sweep.parent, cli_env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Sweep summary (0 completed, 12 skipped, 0 failed)" in proc.stdout
     assert "Submitted array job" not in proc.stdout + proc.stderr
@@ -158,8 +147,11 @@ def test_rerun_runs_no_completed_cell_again(grid, cli_env):
 
 def test_failing_cell_leaves_the_other_completed_and_is_named(tmp_path, cli_env):
     sweep = tmp_path / "sweep"
-    proc = _train(
-        ["-m", *SLURM, "dataset=sst2", "dataset.max_train_samples=0,16", f"hydra.sweep.dir={sweep}"], tmp_path, cli_env
+    proc = train_cli(
+        ["-m", *SLURM, "dataset=sst2", "dataset.max_train_samples=0,16", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+        cli_env,
+        timeout=400,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     bad_name, good_name = "dataset.max_train_samples=0,dataset=sst2", "dataset.max_train_samples=16,dataset=sst2"
@@ -300,7 +292,7 @@ def test_submitter_dies_status_and_rerun_wait_for_the_live_task(tmp_path, cli_en
     assert info["cells"][0]["state"] in ("running", "completed")
     job_id = info["cells"][0]["job_id"]
 
-    proc = _train(args, tmp_path, cli_env, timeout=300)
+    proc = train_cli(args, tmp_path, cli_env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "Submitted array job" not in out

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics
+from conftest import read_metrics, train_cli
 
 
 def _cells(sweep: Path) -> dict[str, dict]:
@@ -16,20 +16,8 @@ def _cells(sweep: Path) -> dict[str, dict]:
 
 def _smoke_grid(sweep: Path, env: dict):
     """The README's smoke command, into a given sweep dir."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     args = ["-m", "method=lora", "dataset=sst2,imdb,wikitext2", "experiment=smoke", f"hydra.sweep.dir={sweep}"]
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=sweep.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return train_cli(args, sweep.parent, env)
 
 
 @pytest.fixture(scope="module")

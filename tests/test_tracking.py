@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import train_cli
 from wandb_file import read_run
 
 FAKE_KEY = "local-" + "5eC7e7" * 6 + "abcd"  # 46 chars, key-shaped
@@ -26,9 +24,7 @@ def wandb_sweep(tmp_path_factory, cli_env):
     env = dict(cli_env, WANDB_API_KEY=FAKE_KEY, HF_TOKEN=FAKE_HF, WANDB_BASE_URL="http://127.0.0.1:9")
     env.pop("WANDB_MODE")
     args = ["-m", "method=lora,hira", "dataset=sst2", "seed=0,1", "experiment=smoke", "hydra.sweep.dir=multirun/grid"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = train_cli(args, root, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, root / "multirun" / "grid", proc
 

@@ -66,7 +66,6 @@ class WandbRun:
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     exit_code: int | None = None
-    files: list = field(default_factory=list)  # paths saved with the run (media, artifacts' files)
 
 
 def read_run(path: Path) -> WandbRun:
@@ -95,6 +94,4 @@ def read_run(path: Path) -> WandbRun:
                 run.summary[_key(item)] = _value(item)
         elif kind == "exit":
             run.exit_code = rec.exit.exit_code
-        elif kind == "files":
-            run.files.extend(f.path for f in rec.files.files)
     return run

@@ -210,17 +210,10 @@ def _new_sparse_linear(linear: Any, controller: Controller, mode: str, kind: str
 
 def _swap_base(parent: Any, attr: str, controller: Controller, mode: str, kind: str) -> Any:
     """Replace parent.attr's frozen linear (or a LoRA layer's base_layer) by a SparseLinear."""
-    import torch.nn as nn
-
+    _check_plain_base(parent, attr)
     module = getattr(parent, attr)
     owner, name = (module, "base_layer") if hasattr(module, "base_layer") else (parent, attr)
-    base = getattr(owner, name)
-    if type(base) is not nn.Linear:
-        raise fail(
-            f"SparseLoRA needs plain linear base layers, got {type(base).__name__} at {attr}",
-            "do not combine SparseLoRA with quantisation or other adapters on the same layer",
-        )
-    sparse = _new_sparse_linear(base, controller, mode, kind)
+    sparse = _new_sparse_linear(getattr(owner, name), controller, mode, kind)
     setattr(owner, name, sparse)
     return sparse
 
