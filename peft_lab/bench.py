@@ -60,6 +60,7 @@ class Result:
     trainable_params: Optional[int] = None
     total_params: Optional[int] = None  # for MFU: 6 * total_params * tokens_per_s / peak FLOP/s (approx.)
     method_metrics: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # the method's own warnings (e.g. SparseLoRA with no sparse layer)
     error: str = ""
 
 
@@ -108,7 +109,8 @@ class Framework:
 
         self.cfg = cfg = compose(args.model, method, extra, args)
         self.device = device
-        self.dtype, self.autocast = run._precision(cfg.train.precision, device)
+        prec = run.resolve_precision(str(getattr(cfg.train.precision, "value", cfg.train.precision)), device)
+        self.dtype, self.autocast, self.grad_scaler = prec.weight_dtype, prec.autocast, prec.grad_scaler
         self.task = args.task
         self.method = get_method_class(method)(cfg.method, cfg.model, args.task)
         self.method.validate()
@@ -133,6 +135,7 @@ class Framework:
             run_dir=self.tmp,
             on_log=lambda *a: None,
             on_eval=lambda s: None,
+            grad_scaler=self.grad_scaler,
         )
         return result.step_times
 
@@ -147,7 +150,8 @@ class Bare:
         from peft_lab import models, run
 
         cfg = compose(args.model, "lora", [], args)
-        self.dtype, self.autocast = run._precision(cfg.train.precision, device)
+        prec = run.resolve_precision(str(getattr(cfg.train.precision, "value", cfg.train.precision)), device)
+        self.dtype, self.autocast = prec.weight_dtype, prec.autocast
         loaded = models.load(cfg.model, args.task, cfg.dataset.num_labels, {}, self.dtype)
         mc = cfg.method
         cls = args.task == "classification"
@@ -269,9 +273,11 @@ def measure(args: argparse.Namespace) -> dict:
         res.step_s = statistics.median(res.block_medians_s)
         res.tokens_per_s = tokens_per_step / res.step_s
         if isinstance(r, Framework):
-            res.method_metrics = {
-                k: v for k, v in r.method.metrics(r.model).items() if isinstance(v, (int, float, str))
-            }
+            mm = r.method.metrics(r.model)
+            res.method_metrics = {k: v for k, v in mm.items() if isinstance(v, (int, float, str))}
+            res.warnings = [str(w) for w in mm.get("sparselora_warnings", [])]
+            for w in res.warnings:
+                print(f"[bench] {label}: WARNING: {w}", flush=True)
     if args.memory and not device.startswith("cuda"):
         for label in results:
             if not results[label].error:
@@ -393,6 +399,11 @@ def table(out: dict) -> str:
         spread = f"{1000 * min(r.block_medians_s):.0f}–{1000 * max(r.block_medians_s):.0f}"
         notes = []
         mm = r.method_metrics
+        if mm.get("sparselora_sparse_layers") == 0:
+            notes.append(
+                f"WARNING: 0 of {mm.get('sparselora_layers')} layers sparse (method.dense_first_layers + "
+                "dense_last_layers cover all): ran as dense LoRA"
+            )
         if "sparselora_flops_skipped" in mm:
             notes.append(f"{100 * mm['sparselora_flops_skipped']:.0f} % base FLOPs skipped")
         if "quant_linear_bytes_ratio_vs_bf16" in mm:
@@ -489,6 +500,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     out["bench_wall_s"] = time.perf_counter() - t0
     text = table(out)
     print("\n" + text)
+    for r in out["results"].values():
+        for w in r.warnings:
+            print(f"  WARNING {r.label}: {w}")
     for t in out["targets"]:
         mark = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
         print(f"  {t['target']}: {t['measured']:.3f} (goal {t['goal']}): {mark}")

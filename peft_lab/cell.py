@@ -1,4 +1,5 @@
-"""One sweep cell in a fresh process: ``python -m peft_lab.cell <state.pkl> <idx> <overrides...>``.
+"""One sweep cell in its own process: ``python -m peft_lab.cell <state.pkl> <idx> <overrides...>``,
+or ``forked`` in a process the local launcher's fork server made (libraries already imported).
 
 Started by ``peft_lab.sweep``; rebuilds the cell's config exactly as Hydra's own
 launchers do (``load_sweep_config`` + ``run_job``) and writes a small result file
@@ -7,8 +8,6 @@ next to the state, so the parent learns the outcome even if logging failed.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +20,8 @@ def main(argv: list[str]) -> int:
     from omegaconf import open_dict
 
     import peft_lab.config  # noqa: F401  (registers the cell_dir resolver)
-    from peft_lab.errors import UserError
+    from peft_lab import runfiles as rf
+    from peft_lab.errors import DivergedError, UserError
 
     state_path, idx, overrides = Path(argv[0]), int(argv[1]), argv[2:]
     state = cloudpickle.loads(state_path.read_bytes())
@@ -42,16 +42,33 @@ def main(argv: list[str]) -> int:
     result = {"status": "completed" if ret.status == JobStatus.COMPLETED else "failed"}
     if ret.status != JobStatus.COMPLETED:
         err = ret._return_value
-        if isinstance(err, UserError):
+        if isinstance(err, (UserError, DivergedError)):
             print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
         else:
             traceback.print_exception(type(err), err, err.__traceback__)
         result["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
-    out = state_path.parent / f"cell_{idx}.result.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out)
+    rf.write_json_atomic(rf.cell_result(state_path.parent.parent, idx), result)
     return 0 if result["status"] == "completed" else 1
+
+
+def forked(argv: list[str], log_path: str, env: dict) -> None:
+    """Entry of a cell forked by the fork server: its stdout and stderr go to ``log_path``, ``env`` is
+    applied, then ``main``; the process exits with main's code (0 completed, 1 not)."""
+    import os
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.environ.update(env)
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

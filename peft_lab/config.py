@@ -7,18 +7,11 @@ transformers or peft.
 
 from __future__ import annotations
 
-import re
-
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from peft_lab.runfiles import cell_dir_name
 from peft_lab.schemas import ClusterConfig, Config, DatasetConfig, LoggerConfig, ModelConfig
-
-
-def _cell_dir(override_dirname: str) -> str:
-    """A run-dir name derived only from the cell's overrides (deterministic)."""
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname or "")
-    return name[:200] or "default"
 
 
 def register() -> None:
@@ -33,7 +26,7 @@ def register() -> None:
     for name, schema in method_schemas().items():
         cs.store(group="method", name=f"base_{name}", node=schema)
     if not OmegaConf.has_resolver("cell_dir"):
-        OmegaConf.register_new_resolver("cell_dir", _cell_dir)
+        OmegaConf.register_new_resolver("cell_dir", cell_dir_name)
 
 
 register()

@@ -7,6 +7,7 @@ problem and the option that fixes it.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import random
@@ -20,11 +21,13 @@ from peft_lab.errors import fail
 log = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "PEFT_LAB_DATA_ROOT"
-# file extension -> datasets builder (and its extra kwargs)
+# file extension -> datasets builder (and its extra kwargs).
+# .tsv follows the GLUE convention: tab-separated, no quoting (csv.QUOTE_NONE == 3), so a text
+# that starts with '"' is read as it is instead of swallowing the following rows.
 FORMATS = {
     "parquet": ("parquet", {}),
     "csv": ("csv", {}),
-    "tsv": ("csv", {"delimiter": "\t"}),
+    "tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
     "jsonl": ("json", {}),
     "json": ("json", {}),
     "txt": ("text", {}),
@@ -35,7 +38,12 @@ FORMATS = {
 
 
 def check_config(ds: Any) -> None:
-    """Checks that need no data: run before any heavy import."""
+    """Checks that need no data: run before any heavy import.
+
+    Raises ``UserError`` naming the option to fix (non-positive sample counts, a
+    classification dataset without labels, ``data_dir`` together with
+    ``source=synthetic``, a local folder missing a split).
+    """
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(ds, key)
         if value is not None and value <= 0:
@@ -47,6 +55,13 @@ def check_config(ds: Any) -> None:
         raise fail(f"dataset '{ds.name}' is a classification task without a label column", "set dataset.label_column")
     if ds.num_labels < 2 and ds.task == "classification":
         raise fail(f"dataset.num_labels={ds.num_labels}", "a classifier needs num_labels >= 2")
+    if ds.source == "synthetic" and ds.data_dir:
+        raise fail(
+            f"dataset.data_dir='{ds.data_dir}' is set but dataset.source=synthetic (experiment=smoke sets it) "
+            "makes toy data in-process, so the folder would be ignored",
+            "drop dataset.data_dir to run on synthetic data, or add dataset.source=local (or auto) "
+            "to train on the folder (it overrides the experiment preset)",
+        )
     if ds.source in ("auto", "local"):
         folder = local_dir(ds)
         if folder is not None:

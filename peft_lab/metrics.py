@@ -1,8 +1,7 @@
-"""What a run measures about itself: parameters, memory, sizes, versions; metrics.json."""
+"""What a run measures about itself: parameters, memory, sizes, versions (written by ``peft_lab.runfiles``)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -141,15 +140,3 @@ def process_start_time() -> float | None:
         return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write then rename, so a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

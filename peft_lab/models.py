@@ -89,6 +89,52 @@ def check_config(model_cfg: Any) -> None:
         )
 
 
+# config attributes that hold a model's maximum sequence length, in the order they are trusted
+_POSITION_LIMIT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# learned positions that start after the padding index (RoBERTa family): usable = limit - pad_token_id - 1
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text"}
+
+
+def max_input_length(hf_config: Any) -> Optional[int]:
+    """The longest input (in tokens) the model's position embeddings cover, or None if the config names none.
+
+    Read from ``max_position_embeddings`` (else ``n_positions``, ``max_sequence_length``,
+    ``seq_length``, ``n_ctx``); RoBERTa-family models lose ``pad_token_id + 1`` positions to their offset.
+    """
+    for attr in _POSITION_LIMIT_ATTRS:
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(hf_config, "model_type", None) in _OFFSET_POSITIONS:
+                value -= (getattr(hf_config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def check_input_length(ds_cfg: Any, task: str, hf_config: Any) -> None:
+    """Refuse an input length (tokens) longer than the model's positions, before the first step.
+
+    Classification inputs are truncated to ``dataset.max_length``; causal and masked LM
+    blocks are ``dataset.block_size`` tokens. ``hf_config`` is the loaded model's
+    ``.config``. One rule for every architecture, RoPE models included: a length above
+    ``max_input_length(hf_config)`` raises ``UserError`` (learned positions would crash with
+    a tensor-size error; rotary ones would run on positions never trained). A model whose
+    config names no limit is not checked.
+    """
+    limit = max_input_length(hf_config)
+    if limit is None:
+        return
+    task = str(getattr(task, "value", task))
+    key = "max_length" if task == "classification" else "block_size"
+    value = getattr(ds_cfg, key)
+    if value is not None and value > limit:
+        model_type = getattr(hf_config, "model_type", None) or type(hf_config).__name__
+        raise fail(
+            f"dataset.{key}={value} tokens is longer than the model ({model_type}) takes: "
+            f"its position embeddings cover {limit} tokens",
+            f"set dataset.{key}={limit} or less, or use a model with a longer context",
+        )
+
+
 # ----------------------------------------------------------------------------- loading
 
 

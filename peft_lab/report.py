@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import sys
@@ -30,16 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from peft_lab.metrics import write_atomic
+from peft_lab import runfiles as rf
+from peft_lab.runfiles import Status, write_atomic
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
+REPORT_DIR = rf.REPORT_DIR
 PLOTS = ("metric_by_method", "metric_vs_trainable", "peak_memory", "throughput", "metric_vs_walltime")
 # two-sided 5 % critical values of Student's t, df 1..30; beyond that 1.96 is close enough
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
-_SWEPT_ELSEWHERE = ("method=", "dataset=", "seed=", "hydra.", "cluster", "logger", "experiment=")
+_SWEPT_ELSEWHERE = ("method=", "dataset=", "seed=", "hydra.", "cluster", "logger")
 
 
 METHOD_ORDER = ("lora", "qlora", "hira", "sparse", "sparselora")
@@ -81,7 +83,7 @@ class Run:
     dataset: str
     model: str
     seed: int
-    status: str
+    status: Status
     overrides: list
     metric: Optional[str] = None
     value: Optional[float] = None
@@ -93,13 +95,14 @@ class Run:
     run_dir: str = ""
     error: str = ""
     row: str = ""
+    config: dict = field(default_factory=dict)  # the computation config (runfiles.computation_config)
 
 
 @dataclass
 class Agg:
     row: str
     dataset: str
-    status: str  # completed | partial | failed | running | missing
+    status: str  # a Status value, or "partial" (some seeds completed)
     metric: Optional[str] = None
     n: int = 0
     n_expected: int = 0
@@ -120,39 +123,48 @@ def _mean(xs: list) -> Optional[float]:
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
-    """Every cell of the sweep: those with a metrics.json, plus manifest cells that have none (missing)."""
-    from peft_lab.sweep import read_manifest, read_metrics
-
+    """Every cell of the sweep: those with a record (metrics.json), plus manifest cells that have none
+    (missing). A completed run whose main metric is not a finite number counts as failed: it is never
+    averaged or ranked."""
     sweep_dir = Path(sweep_dir)
     runs, seen = [], set()
-    for path in sorted(sweep_dir.glob("*/metrics.json")):
-        m = read_metrics(path.parent) or {"status": "unreadable"}
+    for path in sorted(sweep_dir.glob(f"*/{rf.METRICS_FILE}")):
+        rec = rf.read_record(path.parent)
         seen.add(path.parent.name)
-        mem = m.get("peak_memory_bytes")
+        if rec is None:
+            runs.append(
+                Run("?", "?", "?", 0, Status.failed, [], run_dir=path.parent.name, error="unreadable metrics.json")
+            )
+            continue
+        status, error = rec.status, str(rec.error or "")[:200]
+        if status == Status.completed and rec.value is None:
+            status, error = Status.failed, f"{rec.main_metric} = {rec.main_metric_value} is not a finite number"
+        mem = rec.peak_memory_bytes
         runs.append(
             Run(
-                method=str(m.get("method", "?")),
-                dataset=str(m.get("dataset", "?")),
-                model=str(m.get("model", "?")),
-                seed=int(m.get("seed", 0)),
-                status=str(m.get("status", "unknown")),
-                overrides=list(m.get("overrides", [])),
-                metric=m.get("main_metric"),
-                value=m.get("main_metric_value") if m.get("status") == "completed" else None,
-                trainable_pct=m.get("trainable_pct"),
-                trainable_params=m.get("trainable_params"),
+                method=rec.method or "?",
+                dataset=rec.dataset or "?",
+                model=rec.model or "?",
+                seed=int(rec.seed or 0),
+                status=status,
+                overrides=list(rec.overrides),
+                metric=rec.main_metric,
+                value=rec.value,
+                trainable_pct=rec.trainable_pct,
+                trainable_params=rec.trainable_params,
                 peak_memory_mib=mem / 2**20 if mem is not None else None,
-                wall_s=m.get("train_wall_s"),
-                tokens_per_s=m.get("tokens_per_s"),
+                wall_s=rec.train_wall_s,
+                tokens_per_s=rec.tokens_per_s,
                 run_dir=path.parent.name,
-                error=str(m.get("error", ""))[:200],
+                error=error,
+                config=rec.config,
             )
         )
-    for c in read_manifest(sweep_dir).get("cells", []):
+    for c in rf.read_manifest(sweep_dir).get("cells", []):
         name = Path(c.get("run_dir") or "").name
         if name in seen or "method" not in c:
             continue
-        status = "failed" if c.get("status") == "failed" else "missing"
+        status = Status.failed if c.get("status") == Status.failed.value else Status.missing
         runs.append(
             Run(
                 c["method"],
@@ -163,23 +175,46 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 list(c.get("overrides", [])),
                 run_dir=name,
                 error=str(c.get("error", ""))[:200],
+                config=c.get("config") or {},
             )  # fmt: skip
         )
     _label_rows(runs)
     return runs
 
 
+def _variant(r: Run) -> dict:
+    """What a run computed, seed aside, as flat keys: its stored config, else (older records) its overrides."""
+    if r.config:
+        flat = rf.flatten(r.config)
+    else:
+        flat = dict(o.lstrip("+").split("=", 1) for o in r.overrides if "=" in o and not o.startswith(_SWEPT_ELSEWHERE))
+    flat.pop("seed", None)
+    return flat
+
+
 def _label_rows(runs: list[Run]) -> None:
-    """Row label = method, plus any other override that varies across the sweep (method.r=16, model=tiny)."""
-
-    def extra(r: Run) -> tuple:
-        return tuple(sorted(o for o in r.overrides if not o.startswith(_SWEPT_ELSEWHERE) and not o.startswith("+")))
-
-    all_extras = [set(extra(r)) for r in runs]
-    common = set.intersection(*all_extras) if all_extras else set()
-    for r in runs:
-        varying = [o for o in extra(r) if o not in common]
-        r.row = r.method + (f" [{', '.join(varying)}]" if varying else "")
+    """Row label = method, plus every config key that takes more than one value among this method's runs
+    on one dataset (method.r=16, model.name=tiny, ...). Runs that computed different things therefore
+    never share a row; seeds of one configuration always do."""
+    variants = [_variant(r) for r in runs]
+    missing = object()
+    varying: dict[str, set] = {}
+    by_cell: dict[tuple, list[dict]] = {}
+    for r, v in zip(runs, variants):
+        by_cell.setdefault((r.method, r.dataset), []).append(v)
+    for (method, _), vs in by_cell.items():
+        keys = set().union(*vs)
+        varying.setdefault(method, set()).update(
+            k for k in keys if len({json.dumps(v.get(k, missing), default=str, sort_keys=True) for v in vs}) > 1
+        )
+    for r, v in zip(runs, variants):
+        keys = sorted(varying.get(r.method, ()))
+        parts = [f"{k}={json.dumps(v[k], default=str) if not isinstance(v.get(k), str) else v[k]}" if k in v
+                 else f"{k}=(unset)" for k in keys]  # fmt: skip
+        if len(parts) > 3:
+            digest = rf.fingerprint({k: v.get(k) for k in keys})[:6]
+            parts = parts[:3] + [f"+{len(parts) - 3} more #{digest}"]
+        r.row = r.method + (f" [{', '.join(parts)}]" if parts else "")
 
 
 def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
@@ -192,11 +227,11 @@ def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
             group = [r for r in runs if r.row == row and r.dataset == ds]
             if not group:
                 continue
-            done = [r for r in group if r.status == "completed" and r.value is not None]
-            a = Agg(row, ds, "missing", n=len(done), n_expected=len(group))
+            done = [r for r in group if r.status == Status.completed and r.value is not None]
+            a = Agg(row, ds, Status.missing.value, n=len(done), n_expected=len(group))
             a.metric = next((r.metric for r in group if r.metric), None)
             if done:
-                a.status = "completed" if len(done) == len(group) else "partial"
+                a.status = Status.completed.value if len(done) == len(group) else "partial"
                 a.values = [float(r.value) for r in sorted(done, key=lambda r: r.seed)]
                 a.mean = sum(a.values) / a.n
                 a.std = math.sqrt(sum((v - a.mean) ** 2 for v in a.values) / (a.n - 1)) if a.n > 1 else float("nan")
@@ -205,10 +240,11 @@ def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
                 a.peak_memory_mib = _mean([r.peak_memory_mib for r in done])
                 a.wall_s = _mean([r.wall_s for r in done])
                 a.tokens_per_s = _mean([r.tokens_per_s for r in done])
-            elif any(r.status == "failed" for r in group):
-                a.status = "failed"
-            elif any(r.status in ("running", "interrupted") for r in group):
-                a.status = "running"
+            else:  # the most telling status among the seeds: failed > interrupted > running > pending/missing
+                for st in (Status.failed, Status.interrupted, Status.running, Status.requeued, Status.pending):
+                    if any(r.status == st for r in group):
+                        a.status = st.value
+                        break
             cells[(row, ds)] = a
     for ds in datasets:
         done = [a for (_, d), a in cells.items() if d == ds and a.n > 0]
@@ -285,7 +321,7 @@ def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "")
             "**Bold**: best mean per dataset. One seed per cell: differences are untested against seed noise; "
             "run with seed=0,1,2 to mark them."
         )
-    problems = [a for a in cells.values() if a.status in ("failed", "missing", "running", "partial")]
+    problems = [a for a in cells.values() if a.status != Status.completed.value]
     if problems:
         lines.append("")
         lines.append(
@@ -331,7 +367,7 @@ def runs_csv(runs: list[Run]) -> str:
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in runs:
-        w.writerow({c: getattr(r, c) for c in cols})
+        w.writerow({c: getattr(getattr(r, c), "value", getattr(r, c)) for c in cols})
     return buf.getvalue()
 
 
@@ -433,7 +469,7 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
 
 def sweep_logger(sweep_dir: Path) -> Optional[dict]:
     """The sweep's logger config, from the multirun.yaml Hydra wrote into the sweep dir."""
-    path = Path(sweep_dir) / "multirun.yaml"
+    path = Path(sweep_dir) / rf.MULTIRUN_YAML
     if not path.exists():
         return None
     from omegaconf import OmegaConf
@@ -513,7 +549,7 @@ def log_to_wandb(sweep_dir: Path, out_dir: Path, lc: dict, runs, rows, datasets,
             payload[f"report/{name}"] = wandb.Image(str(out_dir / f"{name}.png"))
         tracker.run.log(payload, step=0)
         tracker.summary(
-            {"cells": len(cells), "runs": len(runs), "completed_runs": sum(r.status == "completed" for r in runs)}
+            {"cells": len(cells), "runs": len(runs), "completed_runs": sum(r.status == Status.completed for r in runs)}
         )
         failed = False
         return tracker.run_id

@@ -1,7 +1,15 @@
-"""One cell, start to finish: checks -> data -> model -> method -> train -> evaluate -> metrics.json.
+"""One run, start to finish: checks -> data -> model -> method -> train -> evaluate -> metrics.json.
 
-``main`` is what ``train.py`` calls. Cheap checks run before torch is imported,
-so a bad combination fails in a second with a one-line message and exit code 2.
+``main`` is Hydra's task function (what ``train.py`` calls): it builds a ``RunContext``
+from Hydra's runtime and calls ``execute``, which needs no Hydra runtime, so tests and
+tools run the same pipeline in-process. Cheap checks run before torch is imported, so a
+bad combination fails in a second with a one-line message and exit code 2.
+
+Outcome, as written to ``metrics.json`` (``peft_lab.runfiles.RunRecord``):
+``completed`` with the main metric; ``failed`` (an error, a diverged loss, a non-finite
+metric: never a number); ``interrupted`` (a signal; resumes from its checkpoint). A run dir
+that already holds a completed run of the same config is not run again; one that holds a
+run of another config is refused (``runfiles.check_reusable``).
 """
 
 from __future__ import annotations
@@ -9,78 +17,158 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from peft_lab import data as data_mod
 from peft_lab import models
-from peft_lab.errors import UserError
+from peft_lab import runfiles as rf
+from peft_lab.errors import DivergedError, UserError, fail
 from peft_lab.methods import get_method_class
-from peft_lab.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
 
 
-def main(cfg: DictConfig) -> float | None:
+@dataclass
+class RunContext:
+    """Where a run writes and how it was asked for; all the pipeline needs from Hydra's runtime.
+
+    ``run_dir``: the run's folder. ``sweep_dir``: the sweep it belongs to (None for a single
+    run). ``overrides``: the command-line overrides of this run (``hydra.overrides.task``).
+    """
+
+    run_dir: Path
+    sweep_dir: Optional[Path] = None
+    overrides: list = field(default_factory=list)
+
+    @property
+    def multirun(self) -> bool:
+        return self.sweep_dir is not None
+
+
+def context_from_hydra() -> RunContext:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
-    sweep_dir = Path(str(hc.sweep.dir)) if multirun else None
-    record = {
-        "status": "running",
-        "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "overrides": list(hc.overrides.task),
-        "run_dir": str(run_dir),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "pid": os.getpid(),
-    }
-    t0 = time.perf_counter()
-    write_json_atomic(run_dir / METRICS_FILE, record)
+    sweep_dir = Path(str(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else None
+    return RunContext(Path(hc.runtime.output_dir), sweep_dir, list(hc.overrides.task))
+
+
+def main(cfg: DictConfig) -> Optional[float]:
+    """Hydra's task function. A single run turns a UserError into exit 2 and a diverged run into
+    exit 1, each with one ``peft_lab: error:`` line; in a sweep the launcher reports them."""
+    ctx = context_from_hydra()
     try:
-        return run_cell(cfg, run_dir, record, sweep_dir, t0)
+        return execute(cfg, ctx)
+    except (UserError, DivergedError) as err:
+        if ctx.multirun:
+            raise
+        log.error(str(err))
+        print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(err, UserError) else 1)
+
+
+def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
+    """Run one configuration into ``ctx.run_dir``; return the main metric (None if it was not computed).
+
+    Raises ``UserError`` for bad input (nothing is written but a ``failed`` record),
+    ``DivergedError`` when the training loss is not finite (record ``failed``, failure
+    ``diverged``, no adapter saved); any other error propagates after the record says ``failed``.
+    """
+    comp = rf.computation_config(cfg)
+    decision = rf.check_reusable(ctx.run_dir, comp)
+    if decision.action == rf.Reuse.conflict:
+        raise fail(
+            decision.conflict_message(ctx.run_dir),
+            "write this run to a new folder (hydra.sweep.dir=... or hydra.run.dir=...), or delete that folder "
+            "to run it again there",
+        )
+    if decision.action == rf.Reuse.skip:
+        rec = decision.record
+        log.info(
+            f"{ctx.run_dir}: already completed with this config ({rec.main_metric} = {rec.main_metric_value}); "
+            "nothing to do"
+        )
+        return rec.value
+    if not cfg.train.resume and rf.has_checkpoint(ctx.run_dir):
+        log.info("train.resume=false: discarding the checkpoint in this run dir; starting from step 0")
+        shutil.rmtree(rf.checkpoint_dir(ctx.run_dir))
+    t0 = time.perf_counter()
+    record = rf.RunRecord(
+        status=rf.Status.running,
+        method=str(cfg.method.name),
+        dataset=str(cfg.dataset.name),
+        model=str(cfg.model.name),
+        seed=int(cfg.seed),
+        overrides=list(ctx.overrides),
+        run_dir=str(ctx.run_dir),
+        fingerprint=rf.fingerprint(comp),
+        config=comp,
+        started_at=rf.now(),
+        pid=os.getpid(),
+        host=_host(),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+    record.save(ctx.run_dir)
+    tracker_box: dict = {}
+    try:
+        value = _pipeline(cfg, ctx, record, tracker_box, t0)
     except BaseException as err:
-        record.update(failure(err))
-        write_json_atomic(run_dir / METRICS_FILE, record)
-        if isinstance(err, UserError) and not multirun:
-            log.error(str(err))
-            print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+        record.end(rf.Status.interrupted if interrupted else rf.Status.failed, err)
+        record.failure = (
+            "interrupted"
+            if interrupted
+            else "diverged"
+            if isinstance(err, DivergedError)
+            else "user_error"
+            if isinstance(err, UserError)
+            else "error"
+        )
+        if isinstance(err, DivergedError):
+            record.diverged_at_step = err.step
+            log.error(f"{err}; the run is marked failed")
+        record.save(ctx.run_dir)
+        _finish_tracker(tracker_box, record, failed=True)
         raise
+    _finish_tracker(tracker_box, record, failed=False)
+    return value
 
 
-def failure(err: BaseException | None) -> dict:
-    """Status + error for a run that ended by ``err``. SystemExit / KeyboardInterrupt is a preemption
-    or timeout signal (submitit requeues the task, which resumes from its checkpoint): interrupted."""
-    interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
-    return {"status": "interrupted" if interrupted else "failed", "error": f"{type(err).__name__}: {err}"}
+def _finish_tracker(box: dict, record: rf.RunRecord, failed: bool) -> None:
+    tracker = box.get("tracker")
+    if tracker is None:
+        return
+    try:
+        tracker.summary(record.to_dict())
+    finally:
+        tracker.finish(failed=failed)
 
 
-def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | None, t0: float) -> float | None:
+def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict, t0: float) -> float:
     ds, mc = cfg.dataset, cfg.model
+    run_dir = ctx.run_dir
     # --- start-up checks: no heavy imports yet
     data_mod.check_config(ds)
     models.check_config(mc)
     task = models.resolve_task(mc, str(getattr(ds.task, "value", ds.task)))
     method = get_method_class(cfg.method.name)(cfg.method, mc, task)
     method.validate()
-    record["task"] = task
+    record.task = task
 
     # --- data next (validated before torch and the model load: bad data fails in a second or two)
     raw_train, train_src = data_mod.load_validated(ds, ds.train_split)
-    raw_eval, eval_src = data_mod.load_validated(ds, ds.eval_split)
+    raw_eval, _ = data_mod.load_validated(ds, ds.eval_split)
 
     threads = cfg.train.threads or int(os.environ.get("PEFT_LAB_THREADS", 0)) or (os.cpu_count() or 1)
     import torch
@@ -91,113 +179,117 @@ def run_cell(cfg: DictConfig, run_dir: Path, record: dict, sweep_dir: Path | Non
     from peft_lab import metrics, tracking, training
 
     set_seed(cfg.seed)
-    device = _device(cfg.train.device)
-    dtype, autocast = _precision(cfg.train.precision, device)
-    record.update(device=device, torch_threads=threads, precision=str(dtype).replace("torch.", ""))
+    device = _device(str(cfg.train.device))
+    prec = resolve_precision(str(getattr(cfg.train.precision, "value", cfg.train.precision)), device)
+    record.device, record.torch_threads, record.precision = device, threads, prec.name
+    record.grad_scaler = prec.grad_scaler
 
     # --- model + method
-    loaded, model, base_footprint = build_model(cfg, method, task, device, dtype)
+    loaded, model, base_footprint = build_model(cfg, method, task, device, prec.weight_dtype)
+    models.check_input_length(ds, task, loaded.model.config if hasattr(loaded.model, "config") else model.config)
+    record.weight_dtype, record.compute_dtype = _dtypes(model, prec)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_train, ds.max_train_samples)
     eval_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_eval, ds.max_eval_samples)
     gc.collect()
     metrics.reset_peak_memory(device)  # the peak covers training + evaluation, not the loading transient
-    record.update(
-        model_source=loaded.source,
-        base_model_folder=loaded.folder,
-        data_source=train_src,
-        train_examples=len(train_ex),
-        eval_examples=len(eval_ex),
-        **metrics.count_parameters(model),
-        **method.metrics(model),
-    )
+    record.model_source, record.base_model_folder, record.data_source = loaded.source, loaded.folder, train_src
+    record.train_examples, record.eval_examples = len(train_ex), len(eval_ex)
+    _set_fields(record, metrics.count_parameters(model))
+    record.method_metrics = _plain(method.metrics(model))
+    record.save(run_dir)
     log.info(
-        f"{record['trainable_params']:,} trainable of {record['total_params']:,} parameters "
-        f"({record['trainable_pct']:.3f} %); {len(train_ex)} train / {len(eval_ex)} eval examples"
+        f"{record.trainable_params:,} trainable of {record.total_params:,} parameters "
+        f"({record.trainable_pct:.3f} %); {len(train_ex)} train / {len(eval_ex)} eval examples"
     )
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    with_seed = tracking.seeds_vary(sweep_dir, record["overrides"])
+    with_seed = tracking.seeds_vary(ctx.sweep_dir, record.overrides)
     name = tracking.run_name(cfg.method.name, ds.name, mc.name, cfg.seed, with_seed)
-    group = tracking.sweep_group(sweep_dir, cfg.logger.get("group"))
+    group = tracking.sweep_group(ctx.sweep_dir, cfg.logger.get("group"))
     tags = [cfg.method.name, ds.name, mc.name, task] + ([f"seed{cfg.seed}"] if with_seed else [])
     tracker = tracking.make_tracker(cfg.logger, run_dir, group, name, config, tags)
-    record.update(wandb_run_id=tracker.run_id, wandb_group=group if tracker.run_id else None, wandb_mode=tracker.mode)
-    failed = True
-    try:
+    box["tracker"] = tracker
+    record.wandb_run_id, record.wandb_mode = tracker.run_id, tracker.mode
+    record.wandb_group = group if tracker.run_id else None
 
-        def run_eval() -> dict:
-            return training.evaluate(
-                model, eval_ex, task, loaded.tokenizer, cfg.train.eval_batch_size, device, autocast, method
-            )
+    def run_eval() -> dict:
+        return training.evaluate(model, eval_ex, task, loaded.tokenizer, cfg.train.eval_batch_size, device,
+                                 prec.autocast, method)  # fmt: skip
 
-        if cfg.train.eval_before:
-            record["eval_before"] = run_eval()
-            log.info(f"before training: {record['eval_before']}")
+    if cfg.train.eval_before:
+        record.eval_before = run_eval()
+        log.info(f"before training: {record.eval_before}")
 
-        def on_eval(step: int) -> None:
-            result = run_eval()
-            log.info(f"eval at step {step}: {result}")
-            tracker.log({f"eval/{k}": v for k, v in result.items()}, step)
+    def on_eval(step: int) -> None:
+        result = run_eval()
+        log.info(f"eval at step {step}: {result}")
+        tracker.log({f"eval/{k}": v for k, v in result.items()}, step)
 
-        result = training.train(
-            model,
-            method,
-            train_ex,
-            cfg=cfg,
-            task=task,
-            tokenizer=loaded.tokenizer,
-            device=device,
-            autocast=autocast,
-            run_dir=run_dir,
-            on_log=tracker.log,
-            on_eval=on_eval,
-        )
-        eval_metrics = run_eval()
-        log.info(f"eval: {eval_metrics}")
-        tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, result.steps)
-        main_metric = _main_metric(ds, task)
-        record.update(
-            eval=eval_metrics,
-            main_metric=main_metric,
-            main_metric_value=eval_metrics[main_metric],
-            steps=result.steps,
-            resumed_from_step=result.resumed_from,
-            final_train_loss=result.final_loss,
-            train_wall_s=result.wall_s,
-            step_time_median_s=statistics.median(result.step_times) if result.step_times else None,
-            time_to_first_step_s=_since_start(result.first_step_done_at),
-            samples_per_s=result.samples / max(1e-9, result.wall_s),
-            tokens_per_s=result.tokens / max(1e-9, result.wall_s),
-            model_footprint_bytes=base_footprint,
-            **method.metrics(model),
-            **metrics.peak_memory(device),
-            **metrics.environment(),
-        )
-        if cfg.train.save_adapter:
-            adapter_dir = run_dir / "adapter"
-            method.save_adapter(model, adapter_dir)
-            record["adapter_dir"] = str(adapter_dir)
-            record["adapter_bytes"] = metrics.dir_size(adapter_dir)
-            if cfg.logger.get("log_artifacts"):
-                tracker.log_adapter(adapter_dir, f"adapter-{name}")
-        record["status"] = "completed"
-        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        record["run_wall_s"] = time.perf_counter() - t0
-        write_json_atomic(run_dir / METRICS_FILE, record)
-        failed = False
-        log.info(f"{name}: {main_metric} = {eval_metrics[main_metric]:.4f}  ({run_dir / METRICS_FILE})")
-        return float(eval_metrics[main_metric])
-    finally:
-        if failed:  # the summary still says what happened (main() writes the same into metrics.json)
-            err = sys.exc_info()[1]
-            interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
-            record = {
-                **record,
-                "status": "interrupted" if interrupted else "failed",
-                "error": f"{type(err).__name__}: {err}",
-            }
-        tracker.summary(record)
-        tracker.finish(failed=failed)
+    def on_progress(step: int, total: int, resumed_from: int) -> None:
+        if step in (resumed_from, total) or step % max(1, cfg.train.log_every) == 0:
+            rf.write_progress(run_dir, step, total, resumed_from)
+
+    result = training.train(
+        model,
+        method,
+        train_ex,
+        cfg=cfg,
+        task=task,
+        tokenizer=loaded.tokenizer,
+        device=device,
+        autocast=prec.autocast,
+        run_dir=run_dir,
+        on_log=tracker.log,
+        on_eval=on_eval,
+        on_progress=on_progress,
+        grad_scaler=prec.grad_scaler,
+    )
+    record.steps, record.total_steps, record.resumed_from_step = result.steps, result.total_steps, result.resumed_from
+    record.final_train_loss = result.final_loss
+    eval_metrics = run_eval()
+    log.info(f"eval: {eval_metrics}")
+    tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, result.steps)
+    main_metric = _main_metric(ds, task)
+    value = eval_metrics.get(main_metric)
+    record.eval, record.main_metric, record.main_metric_value = eval_metrics, main_metric, value
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RuntimeError(f"evaluation gave {main_metric} = {value} (not a finite number); the run is not a result")
+    record.train_wall_s = result.wall_s
+    record.step_time_median_s = statistics.median(result.step_times) if result.step_times else None
+    record.time_to_first_step_s = _since_start(result.first_step_done_at)
+    record.samples_per_s = result.samples / max(1e-9, result.wall_s) if result.samples else None
+    record.tokens_per_s = result.tokens / max(1e-9, result.wall_s) if result.tokens else None
+    record.model_footprint_bytes = base_footprint
+    record.method_metrics = _plain(method.metrics(model))
+    _set_fields(record, metrics.peak_memory(device))
+    _set_fields(record, metrics.environment())
+    if cfg.train.save_adapter:
+        adapter_dir = run_dir / rf.ADAPTER_DIR
+        method.save_adapter(model, adapter_dir)
+        record.adapter_dir, record.adapter_bytes = str(adapter_dir), metrics.dir_size(adapter_dir)
+        if cfg.logger.get("log_artifacts"):
+            tracker.log_adapter(adapter_dir, f"adapter-{name}")
+    record.end(rf.Status.completed)
+    record.run_wall_s = time.perf_counter() - t0
+    record.save(run_dir)
+    log.info(f"{name}: {main_metric} = {value:.4f}  ({run_dir / rf.METRICS_FILE})")
+    return float(value)
+
+
+def _set_fields(record: rf.RunRecord, values: dict) -> None:
+    for k, v in values.items():
+        if hasattr(record, k):
+            setattr(record, k, v)
+
+
+def _plain(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 def build_model(cfg: DictConfig, method: Any, task: str, device: str, dtype: Any) -> tuple[Any, Any, int]:
@@ -215,7 +307,7 @@ def build_model(cfg: DictConfig, method: Any, task: str, device: str, dtype: Any
     return loaded, model, base_footprint
 
 
-def _since_start(t: float | None) -> float | None:
+def _since_start(t: Optional[float]) -> Optional[float]:
     """Seconds from this process's start to ``t`` (the first optimizer step): start-up cost of a run or cell."""
     from peft_lab.metrics import process_start_time
 
@@ -234,21 +326,53 @@ def _device(requested: str) -> str:
 
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("train.device=cuda but no CUDA device is visible. Fix: use train.device=auto or cpu")
+            raise fail("train.device=cuda but no CUDA device is visible", "use train.device=auto or cpu")
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _precision(precision: str, device: str):
-    """(weights dtype, autocast context factory): bf16 autocast on CUDA, fp32 on CPU by default."""
+@dataclass
+class Precision:
+    """How a run computes: ``weight_dtype`` of the loaded base, ``autocast`` (a context factory),
+    the autocast dtype (``compute``; None without autocast) and whether fp16 needs a gradient scaler."""
+
+    name: str
+    weight_dtype: Any
+    compute: Any
+    autocast: Callable[[], Any]
+    grad_scaler: bool
+
+
+def resolve_precision(precision: str, device: str) -> Precision:
+    """``train.precision`` -> Precision. auto: bf16 autocast on a CUDA device with bf16, else fp32.
+
+    bf16 / fp16 keep fp32 weights under autocast (the matmuls run in the low dtype); fp16 adds a
+    gradient scaler (``torch.amp.GradScaler``), as mixed-precision training needs.
+    """
     import torch
 
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
-        raise UserError(f"train.precision={precision} is not known. Fix: use auto, fp32, bf16 or fp16")
+        raise fail(f"train.precision={precision} is not known", "use auto, fp32, bf16 or fp16")
     if precision == "fp32":
-        return torch.float32, contextlib.nullcontext
+        return Precision("fp32", torch.float32, None, contextlib.nullcontext, False)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    return torch.float32, lambda: torch.autocast(dev_type, dtype=dtypes[precision])
+    low = dtypes[precision]
+    return Precision(precision, torch.float32, low, lambda: torch.autocast(dev_type, dtype=low), precision == "fp16")
+
+
+def _dtypes(model: Any, prec: Precision) -> tuple[str, str]:
+    """(weight dtype, compute dtype) as they are, read from the model: a 4-bit base reports its
+    quant type and the bitsandbytes compute dtype; under autocast the compute dtype is autocast's."""
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    weight = name(frozen[0].dtype) if frozen else name(prec.weight_dtype)
+    compute = name(prec.compute) if prec.compute is not None else weight
+    if quant is not None and getattr(quant, "load_in_4bit", False):
+        weight = f"4bit-{quant.bnb_4bit_quant_type}"
+        if prec.compute is None:
+            compute = name(quant.bnb_4bit_compute_dtype)
+    return weight, compute

@@ -3,6 +3,12 @@
 Values live in ``conf/``; these only say which keys exist and what type each has,
 so a misspelt key or ``method.r=abc`` fails at composition with Hydra's message.
 Method-specific schemas live in each method's module and extend ``MethodConfig``.
+
+Every closed choice is a ``Choice`` enum, so ``logger.backend=nonee`` or
+``train.precision=bf61`` fails at composition with the list of valid values
+(``Invalid value 'nonee', expected one of [wandb, none]``). OmegaConf hands such
+fields over as enum members: they compare equal to their string value and print
+as it, but pass ``.value`` wherever a library or a dict keyed by strings gets one.
 """
 
 from __future__ import annotations
@@ -14,21 +20,51 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 
-class Task(str, Enum):
+class Choice(str, Enum):
+    """Base of every closed choice in the config: a ``str`` enum that prints as its plain value.
+
+    OmegaConf matches a config string to a member by *name*, so each member's name
+    must equal its value (``bf16 = "bf16"``). ``str()`` and f-strings give the value
+    (``"bf16"``, not ``"Precision.bf16"``), and a member equals its string.
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+
+class Task(Choice):
+    """What a dataset trains: ``classification``, ``causal_lm`` or ``masked_lm``."""
+
     classification = "classification"
     causal_lm = "causal_lm"
     masked_lm = "masked_lm"
 
 
-class DataSource(str, Enum):
+class DataSource(Choice):
+    """Where ``dataset.*`` data comes from (``dataset.source``)."""
+
     auto = "auto"  # data_dir, then $PEFT_LAB_DATA_ROOT/<name>, then the Hub
     local = "local"  # a local folder only (data_dir or the env root)
     hub = "hub"  # the Hugging Face Hub (or its cache) only
     synthetic = "synthetic"  # generated in-process; for smoke runs and tests
 
 
+class EvalMetric(Choice):
+    """A metric name in ``dataset.metrics`` (the first is a classification run's main metric)."""
+
+    accuracy = "accuracy"
+    macro_f1 = "macro_f1"
+    perplexity = "perplexity"  # causal LM
+    mlm_perplexity = "mlm_perplexity"  # masked LM (an encoder on an LM dataset)
+
+
 @dataclass
 class DatasetConfig:
+    """One dataset (``conf/dataset/*.yaml``): where it lives, its columns, task and metrics."""
+
     name: str = MISSING
     task: Task = MISSING
     hub_path: str = MISSING
@@ -38,7 +74,7 @@ class DatasetConfig:
     text_column: str = "text"
     label_column: Optional[str] = "label"
     num_labels: int = 2
-    metrics: List[str] = field(default_factory=lambda: ["accuracy"])
+    metrics: List[EvalMetric] = field(default_factory=lambda: [EvalMetric.accuracy])
     max_length: int = 128
     block_size: int = 256
     source: DataSource = DataSource.auto
@@ -50,7 +86,9 @@ class DatasetConfig:
     synthetic_eval_size: int = 64
 
 
-class ModelSource(str, Enum):
+class ModelSource(Choice):
+    """Where the model's weights come from (``model.source``)."""
+
     auto = "auto"  # path, then Hub cache / Hub, then the packaged copy
     path = "path"
     hub = "hub"
@@ -60,6 +98,8 @@ class ModelSource(str, Enum):
 
 @dataclass
 class ModelConfig:
+    """One model (``conf/model/*.yaml``): weights, supported tasks, modules each method adapts."""
+
     name: str = MISSING
     name_or_path: Optional[str] = None
     path: Optional[str] = None
@@ -85,14 +125,39 @@ class MethodConfig:
     target_modules: Optional[List[str]] = None  # null: the model config's list
 
 
+class Precision(Choice):
+    """Floating-point precision: ``train.precision`` and QLoRA's ``method.compute_dtype``."""
+
+    auto = "auto"  # bf16 on CUDA (where supported), fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Scheduler(Choice):
+    """``train.scheduler``: the ``transformers.SchedulerType`` names that need nothing beyond warmup
+    and total steps (``reduce_lr_on_plateau``, ``greedy``, ``cosine_with_min_lr``,
+    ``cosine_warmup_with_min_lr`` and ``warmup_stable_decay`` need a metric or extra kwargs)."""
+
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    inverse_sqrt = "inverse_sqrt"
+
+
 @dataclass
 class TrainConfig:
+    """The training loop (``train.*``): batches, steps, schedule, evaluation, checkpoints, precision."""
+
     batch_size: int = 16
     eval_batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    scheduler: str = "linear"
+    scheduler: Scheduler = Scheduler.linear
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -102,20 +167,38 @@ class TrainConfig:
     checkpoint_every: int = 50  # 0: only at the end
     resume: bool = True
     save_adapter: bool = True
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    device: str = "auto"
+    precision: Precision = Precision.auto  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (open: any torch device string)
     threads: int = 0  # torch threads per job; 0: cores / parallel jobs
     gradient_checkpointing: bool = False
     num_workers: int = 0
 
 
+class LoggerBackend(Choice):
+    """``logger.backend``: the experiment tracker (``none``: metrics.json only)."""
+
+    wandb = "wandb"
+    none = "none"
+
+
+class LoggerMode(Choice):
+    """``logger.mode``: how W&B logs (``auto``: online with an API key and a reachable server, else offline)."""
+
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
 @dataclass
 class LoggerConfig:
+    """The experiment tracker (``conf/logger/*.yaml``); W&B keys are ignored with ``backend: none``."""
+
     name: str = MISSING
-    backend: str = "none"  # wandb | none
+    backend: LoggerBackend = LoggerBackend.none
     project: str = "peft_lab"
     entity: Optional[str] = None
-    mode: str = "auto"  # auto | online | offline | disabled
+    mode: LoggerMode = LoggerMode.auto
     group: Optional[str] = None  # W&B group; default: the sweep (pinned in <sweep>/.cells/group.txt)
     init_timeout: float = 30.0  # seconds wandb.init may take online before falling back to offline
     log_artifacts: bool = False  # upload each run's adapter as a W&B artifact
@@ -144,6 +227,8 @@ class ClusterConfig:
 
 @dataclass
 class Config:
+    """The whole run config (``conf/config.yaml``): one option per group plus ``train`` and ``seed``."""
+
     method: Any = MISSING
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING

@@ -4,13 +4,15 @@ Works from any shell, while the sweep runs, after it ended, and after the submit
 shell died (SLURM jobs live on). It only reads:
 
 - ``<sweep>/.cells/manifest.json`` (written by the launchers: cells, run dirs, job ids, logs);
-- each run dir: ``metrics.json`` (status, main metric), ``checkpoint/state.json`` (last saved
-  step) and the ``step k/N`` / ``Resumed from step k`` lines of ``train.log``;
+- each run dir: ``metrics.json`` (the run record: status, main metric), ``progress.json``
+  (step k of N, resumed from) and ``checkpoint/state.json`` (last saved step);
 - SLURM: ``squeue`` (live state of queued/running tasks) and ``sacct`` (final states and
   requeued attempts), when those commands answer; else submitit's result pickles.
 
-States: pending, running, requeued (waiting to run again after a preemption, timeout or
-``scontrol requeue``), completed, failed. Light: no torch, no submitit.
+States (``peft_lab.runfiles.Status``, the same words the launchers and the report use):
+pending, running, requeued (waiting to run again after a preemption, timeout or
+``scontrol requeue``), interrupted (stopped by a signal, or its process is gone; re-running
+the sweep resumes it), completed, failed. Light: no torch, no submitit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import json
 import os
 import pickle
-import re
 import shutil
 import socket
 import subprocess
@@ -28,16 +29,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from peft_lab.sweep import CELLS_DIR, METRICS_FILE, read_manifest, read_metrics
+from peft_lab import runfiles as rf
+from peft_lab.runfiles import Status
 
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED", "STOPPED", "RESV_DEL_HOLD"}
 WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED", "STOPPED"}
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "REVOKED"}
-
-_STEP_RE = re.compile(r"\bstep (\d+)/(\d+)\b")
-_RESUMED_RE = re.compile(r"Resumed from step (\d+)")
-_TOTAL_RE = re.compile(r"Training (\d+) steps")
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -109,50 +107,34 @@ def submitit_result(entry: dict) -> Optional[str]:
 # ----------------------------------------------------------------------------- run dirs
 
 
-def progress(run_dir: Optional[Path], metrics: dict) -> dict:
-    """Step reached (k) and total (N) from train.log's last attempt, the step it resumed from, and the
-    step of the last checkpoint (where a requeued run will resume)."""
+def progress(run_dir: Optional[Path], rec: Optional[rf.RunRecord]) -> dict:
+    """Step reached (k) and total (N) from the run's progress file, the step its last attempt resumed
+    from, and the step of the last checkpoint (where a requeued run will resume)."""
     out = {"step": None, "total": None, "resumed_from": None, "checkpoint_step": None}
     if run_dir is None:
         return out
-    if metrics.get("status") == "completed":
-        steps = metrics.get("steps")
-        out.update(step=steps, total=steps, resumed_from=metrics.get("resumed_from_step"), checkpoint_step=steps)
+    if rec is not None and rec.status == Status.completed:
+        out.update(step=rec.steps, total=rec.total_steps or rec.steps, resumed_from=rec.resumed_from_step,
+                   checkpoint_step=rec.steps)  # fmt: skip
         return out
-    try:
-        out["checkpoint_step"] = int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        with (run_dir / "train.log").open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4_000_000))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        text = ""
-    resume = None
-    for line in text.splitlines():  # an attempt logs "Resumed from step k" (if any), then "Training N steps"
-        if m := _RESUMED_RE.search(line):
-            resume = int(m.group(1))
-        elif m := _TOTAL_RE.search(line):
-            out.update(total=int(m.group(1)), step=resume or 0, resumed_from=resume)
-            resume = None
-        elif m := _STEP_RE.search(line):
-            out["step"], out["total"] = int(m.group(1)), int(m.group(2))
+    out["checkpoint_step"] = rf.checkpoint_step(run_dir)
+    prog = rf.read_progress(run_dir)
+    out.update(step=prog.get("step"), total=prog.get("total"), resumed_from=prog.get("resumed_from") or None)
     if out["step"] is None:
         out["step"] = out["checkpoint_step"]
     return out
 
 
-def _ran_since(run_dir: Path, metrics: dict, submitted_at: Optional[float]) -> bool:
+def _ran_since(run_dir: Path, rec: Optional[rf.RunRecord], submitted_at: Optional[float]) -> bool:
     """Did this cell's current job already run (so waiting again means requeued)? Its metrics.json or
     checkpoint is newer than the submission; without a submission time, whether either exists."""
-    ckpt = run_dir / "checkpoint" / "state.json"
+    ckpt = rf.checkpoint_dir(run_dir) / rf.CHECKPOINT_STATE
     if submitted_at is None:
-        return bool(metrics) or ckpt.exists()
+        return rec is not None or ckpt.exists()
     try:
-        if time.mktime(time.strptime(metrics["started_at"], "%Y-%m-%dT%H:%M:%S")) >= submitted_at - 1:
+        if time.mktime(time.strptime(rec.started_at, "%Y-%m-%dT%H:%M:%S")) >= submitted_at - 1:
             return True
-    except (KeyError, TypeError, ValueError, OverflowError):
+    except (AttributeError, TypeError, ValueError, OverflowError):
         pass
     try:
         return ckpt.stat().st_mtime >= submitted_at
@@ -183,39 +165,42 @@ def discover(sweep_dir: Path) -> list[dict]:
     """Cells of a sweep without a manifest: run dirs holding metrics.json or .hydra/."""
     entries = []
     for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if (d / METRICS_FILE).exists() or (d / ".hydra").exists():
+        if (d / rf.METRICS_FILE).exists() or (d / ".hydra").exists():
             entries.append({"name": d.name, "run_dir": str(d), "status": "pending", "job_id": "", "log": None})
     return entries
 
 
 def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict]) -> dict:
+    """One cell's row: its ``Status`` (``state``), progress, metric, SLURM state and a note."""
     run_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
-    metrics = read_metrics(run_dir) if run_dir else {}
+    rec = rf.read_record(run_dir) if run_dir else None
     job = entry.get("job_id") or ""
-    prog = progress(run_dir, metrics)
+    prog = progress(run_dir, rec)
     row = {
         "cell": entry["name"],
-        "state": "pending",
+        "state": Status.pending,
         "step": prog["step"],
         "total": prog["total"],
         "resumed_from": prog["resumed_from"],
-        "metric": metrics.get("main_metric"),
-        "value": metrics.get("main_metric_value"),
+        "metric": rec.main_metric if rec else None,
+        "value": rec.value if rec else None,
         "job_id": job,
         "slurm_state": "",
         "requeues": 0,
-        "log": entry.get("log") or (str(run_dir / "train.log") if run_dir and (run_dir / "train.log").exists() else ""),
+        "log": entry.get("log")
+        or (str(run_dir / rf.TRAIN_LOG) if run_dir and (run_dir / rf.TRAIN_LOG).exists() else ""),
         "run_dir": str(run_dir) if run_dir else "",
         "note": "",
     }
-    mstatus = metrics.get("status")
-    if mstatus == "completed":
-        row["state"] = "completed"
-        if entry.get("status") == "skipped":
+    rstatus = rec.status if rec else None
+    error = (rec.error if rec else None) or ""
+    if rstatus == Status.completed:
+        row["state"] = Status.completed
+        if entry.get("skipped"):
             row["note"] = "skipped (completed earlier)"
         return row
     if run_dir is None:  # the cell's config did not compose
-        row.update(state="failed", note=entry.get("error", ""))
+        row.update(state=Status.failed, note=entry.get("error", ""))
         return row
     if job:
         q = (queue or {}).get(job)
@@ -224,56 +209,58 @@ def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict]) -> dict
         slurm = q["state"] if q else a.get("state", "")
         row["slurm_state"] = slurm
         if slurm in RUNNING and slurm != "RUNNING" and a.get("state") == "REQUEUED":
-            row.update(state="requeued", note="stopping; will run again")  # COMPLETING after a requeue
+            row.update(state=Status.requeued, note="stopping; will run again")  # COMPLETING after a requeue
         elif slurm in RUNNING:
-            row["state"] = "running"
+            row["state"] = Status.running
             if row["requeues"]:
                 row["note"] = f"requeued {row['requeues']}x"
         elif slurm in WAITING:
-            attempted = row["requeues"] > 0 or _ran_since(run_dir, metrics, entry.get("submitted_at"))
-            row["state"] = "requeued" if slurm in REQUEUED or attempted else "pending"
-            if row["state"] == "requeued" and prog["checkpoint_step"] is not None:
+            attempted = row["requeues"] > 0 or _ran_since(run_dir, rec, entry.get("submitted_at"))
+            row["state"] = Status.requeued if slurm in REQUEUED or attempted else Status.pending
+            if row["state"] == Status.requeued and prog["checkpoint_step"] is not None:
                 row["step"] = prog["checkpoint_step"]  # where it will resume
             if q and q.get("reason") not in ("", "None", None):
                 row["note"] = q["reason"]
-        elif slurm in FAILED or slurm == "COMPLETED":  # COMPLETED without completed metrics: no result
-            row.update(state="failed", note=metrics.get("error") or f"SLURM state {slurm}")
+        elif slurm in FAILED or slurm == "COMPLETED":  # COMPLETED without a completed record: no result
+            row.update(state=Status.failed, note=error or f"SLURM state {slurm}")
         else:  # no SLURM answer (no client, no accounting, sacct lag): submitit's files
             result = submitit_result(entry)
-            if result == "error" or mstatus == "failed":
-                row.update(state="failed", note=metrics.get("error") or "task raised (see log)")
+            if result == "error" or rstatus == Status.failed:
+                row.update(state=Status.failed, note=error or "task raised (see log)")
             elif result is not None:
-                row.update(state="failed", note="task ended without completed metrics")
+                row.update(state=Status.failed, note="task ended without a completed record")
             elif queue is not None and acct is not None:
-                row.update(state="failed", note="not in the queue and no result")
-            elif mstatus == "running":
-                row["state"] = "running"
+                row.update(state=Status.failed, note="not in the queue and no result")
+            elif rstatus == Status.running:
+                row["state"] = Status.running
         return row
     # local launcher (or no job id): the run dir and the processes
-    if mstatus == "failed":
-        row.update(state="failed", note=metrics.get("error", ""))
-    elif mstatus == "interrupted":
-        row.update(state="failed", note="interrupted; re-run the sweep to resume from its checkpoint")
-    elif mstatus == "running":
-        alive = _pid_alive(metrics.get("pid"), entry.get("host"))
+    if rstatus == Status.failed:
+        row.update(state=Status.failed, note=error)
+    elif rstatus == Status.interrupted:
+        row.update(state=Status.interrupted, note="re-run the sweep to resume from its checkpoint")
+    elif rstatus == Status.running:
+        alive = _pid_alive(rec.pid, rec.host or entry.get("host"))
         if alive is False:
-            row.update(state="failed", note="interrupted (its process is gone); re-run the sweep to resume")
+            row.update(state=Status.interrupted, note="its process is gone; re-run the sweep to resume")
         else:
-            row["state"] = "running"
-    elif entry.get("status") == "failed":
-        row.update(state="failed", note=entry.get("error", ""))
+            row["state"] = Status.running
+    elif entry.get("status") == Status.failed.value:
+        row.update(state=Status.failed, note=entry.get("error", ""))
     return row
 
 
 def collect(sweep_dir: Path) -> dict:
     sweep_dir = Path(sweep_dir).absolute()
-    manifest = read_manifest(sweep_dir)
+    manifest = rf.read_manifest(sweep_dir)
     entries = manifest.get("cells") or discover(sweep_dir)
     array_ids = {str(e["job_id"]).split("_")[0] for e in entries if e.get("job_id")}
     queue = squeue_states(array_ids)
     acct = sacct_states(array_ids)
     rows = [cell_state(e, queue, acct) for e in entries]
     submitter = _pid_alive(manifest.get("launcher_pid"), manifest.get("host"))
+    for r in rows:
+        r["state"] = Status(r["state"]).value  # plain words in the JSON output
     return {
         "sweep_dir": str(sweep_dir),
         "launcher": manifest.get("launcher", ""),
@@ -284,9 +271,7 @@ def collect(sweep_dir: Path) -> dict:
         "slurm_queue": queue is not None,
         "slurm_accounting": acct is not None,
         "cells": rows,
-        "counts": {
-            s: sum(r["state"] == s for r in rows) for s in ("pending", "running", "requeued", "completed", "failed")
-        },
+        "counts": {s.value: sum(r["state"] == s.value for r in rows) for s in Status if s != Status.missing},
     }
 
 
@@ -355,7 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if not (args.sweep_dir / CELLS_DIR).is_dir() and not discover(args.sweep_dir):
+    if not rf.cells_dir(args.sweep_dir).is_dir() and not discover(args.sweep_dir):
         print(
             f"peft_lab: error: {args.sweep_dir} holds no sweep cells. Fix: give a sweep dir (hydra.sweep.dir)",
             file=sys.stderr,
@@ -364,7 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     while True:
         info = collect(args.sweep_dir)
         print(json.dumps(info, indent=1) if args.json else render(info), flush=True)
-        busy = info["counts"]["pending"] + info["counts"]["running"] + info["counts"]["requeued"]
+        busy = sum(info["counts"][s.value] for s in (Status.pending, Status.running, Status.requeued))
         if not args.watch or not busy:
             return 0
         time.sleep(args.watch)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,89 +30,107 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from peft_lab.metrics import write_atomic
+from peft_lab import runfiles as rf
+from peft_lab.runfiles import Status
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
-CELLS_DIR = ".cells"
-MANIFEST_FILE = "manifest.json"  # <sweep>/.cells/manifest.json: every cell, its run dir, job id and log
 
 
 @dataclass
 class Cell:
+    """One cell of a sweep as the launcher sees it. ``skipped``: completed earlier with the same config."""
+
     idx: int
     overrides: list[str]
     run_dir: Optional[Path] = None
-    status: str = "pending"  # pending | skipped | completed | failed
+    status: Status = Status.pending
+    skipped: bool = False
     error: str = ""
     log_path: Optional[Path] = None
     wall_s: float = 0.0
-    metrics: dict = field(default_factory=dict)
+    record: Optional[rf.RunRecord] = None
     job_id: str = ""  # SLURM: <array job>_<task>
-    meta: dict = field(default_factory=dict)  # method / dataset / model / seed, for the report's missing cells
+    meta: dict = field(default_factory=dict)  # method / dataset / model / seed / fingerprint
+    device: Optional[str] = None  # local launcher: the CUDA device this cell was given
 
     @property
     def name(self) -> str:
         return self.run_dir.name if self.run_dir else " ".join(self.overrides)
 
 
-def read_metrics(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def is_completed(run_dir: Path) -> bool:
-    return read_metrics(run_dir).get("status") == "completed"
-
-
 def prepare_cells(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list]:
-    """Each cell's deterministic run dir, derived as Hydra's own launchers do (``load_sweep_config`` +
-    ``hydra.sweep.subdir``); cells whose metrics.json says completed are marked skipped."""
+    """Each cell's run dir and config fingerprint, derived as Hydra's own launchers do (``load_sweep_config``
+    + ``hydra.sweep.subdir``). A cell whose run dir holds a completed run of the same config is marked
+    skipped. Exits 2 (nothing launched) when two cells would share a run dir or a run dir holds a run of
+    another config, naming the cells and the differing keys."""
     config = launcher.config
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-    (sweep_dir / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    if config.get("logger") is not None and config.logger.get("backend") == "wandb":
+    rf.cells_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
+    if (
+        config.get("logger") is not None
+        and str(getattr(config.logger.get("backend"), "value", config.logger.get("backend"))) == "wandb"
+    ):
         from peft_lab import tracking
 
         tracking.pin_group(sweep_dir, config.logger.get("group"))
     if "mode" in config.hydra.sweep:
         os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
-    cells = []
+    cells, problems, by_dir = [], [], {}
     for offset, overrides in enumerate(job_overrides):
         cell = Cell(initial_job_idx + offset, list(overrides))
         try:
             sweep_cfg = launcher.hydra_context.config_loader.load_sweep_config(config, cell.overrides)
             cell.run_dir = sweep_dir / str(sweep_cfg.hydra.sweep.subdir)
+            comp = rf.computation_config(sweep_cfg)
             cell.meta = {
                 "method": str(sweep_cfg.method.name),
                 "dataset": str(sweep_cfg.dataset.name),
                 "model": str(sweep_cfg.model.name),
                 "seed": int(sweep_cfg.seed),
+                "fingerprint": rf.fingerprint(comp),
+                "config": comp,  # the report groups cells that never wrote a record by it
             }
         except Exception as err:  # a bad override in one cell fails that cell only
-            cell.status, cell.error = "failed", f"config error: {err}".replace("\n", " ")
+            cell.status, cell.error = Status.failed, f"config error: {err}".replace("\n", " ")
+            cells.append(cell)
+            continue
+        other = by_dir.setdefault(cell.run_dir, cell)
+        if other is not cell:
+            problems.append(
+                f"cells #{other.idx} ({' '.join(other.overrides)}) and #{cell.idx} "
+                f"({' '.join(cell.overrides)}) map to the same run dir {cell.run_dir}"
+            )
+        decision = rf.check_reusable(cell.run_dir, comp)
+        if decision.action == rf.Reuse.skip:
+            cell.status, cell.skipped, cell.record = Status.completed, True, decision.record
+        elif decision.action == rf.Reuse.conflict:
+            problems.append(f"cell #{cell.idx}: {decision.conflict_message(cell.run_dir)}")
         cells.append(cell)
-    for cell in cells:
-        if cell.status == "pending" and is_completed(cell.run_dir):
-            cell.status, cell.metrics = "skipped", read_metrics(cell.run_dir)
+    if problems:
+        print(
+            "peft_lab: error: this sweep would reuse results of another config:\n  "
+            + "\n  ".join(problems)
+            + "\nFix: run the sweep into a new folder (hydra.sweep.dir=...), or delete the run dirs named above "
+            "to run those cells again. Nothing was launched.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
     return sweep_dir, cells
 
 
 def log_plan(sweep_dir: Path, cells: list, how: str) -> None:
-    pending = sum(c.status == "pending" for c in cells)
-    skipped = sum(c.status == "skipped" for c in cells)
+    pending = sum(c.status == Status.pending for c in cells)
+    skipped = sum(c.skipped for c in cells)
     log.info(f"Sweep {sweep_dir}: {len(cells)} cells, {skipped} already completed (skipped), {pending} to run, {how}")
 
 
 def write_manifest(sweep_dir: Path, cells: list, launcher: str, **extra: Any) -> None:
-    """Record every cell (run dir, launcher, job id, log) for ``python -m peft_lab.status``.
+    """Record every cell (run dir, fingerprint, launcher, job id, log) for ``status`` and ``report``.
 
     Entries of an earlier launch into the same sweep dir that this launch does not cover are kept.
     """
-    old = read_manifest(sweep_dir)
+    old = rf.read_manifest(sweep_dir)
     entries = {e["name"]: e for e in old.get("cells", [])}
     stamp = {"launcher": launcher, "host": socket.gethostname(), "launcher_pid": os.getpid()}
     for c in cells:
@@ -123,26 +141,24 @@ def write_manifest(sweep_dir: Path, cells: list, launcher: str, **extra: Any) ->
             "idx": c.idx,
             "name": c.name,
             "overrides": c.overrides,
-            **(c.meta or {k: prev[k] for k in ("method", "dataset", "model", "seed") if k in prev}),
+            **(
+                c.meta
+                or {k: prev[k] for k in ("method", "dataset", "model", "seed", "fingerprint", "config") if k in prev}
+            ),
             "run_dir": str(c.run_dir) if c.run_dir else None,
-            "status": c.status,
+            "status": c.status.value,
+            "skipped": c.skipped,
             "error": c.error,
             "job_id": c.job_id,
+            "device": c.device,
             "submitted_at": submitted,
             "log": str(c.log_path) if c.log_path else None,
             **stamp,
         }
     data = {k: v for k, v in old.items() if k != "cells"} if old.get("launcher_pid") == os.getpid() else {}
-    data.update(stamp, sweep_dir=str(sweep_dir), updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+    data.update(stamp, sweep_dir=str(sweep_dir), updated_at=rf.now(), **extra)
     data["cells"] = sorted(entries.values(), key=lambda e: (e.get("idx", 0), e["name"]))
-    write_atomic(sweep_dir / CELLS_DIR / MANIFEST_FILE, json.dumps(data, indent=1))
-
-
-def read_manifest(sweep_dir: Path) -> dict:
-    try:
-        return json.loads((Path(sweep_dir) / CELLS_DIR / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    rf.write_manifest(sweep_dir, data)
 
 
 def write_report(sweep_dir: Path) -> None:
@@ -157,18 +173,18 @@ def write_report(sweep_dir: Path) -> None:
 
 
 def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
-    """Summary files + table; exit 1 naming each failed cell and its log; else Hydra's JobReturns."""
+    """Summary files + table; exit 1 naming each failed or interrupted cell and its log; else Hydra's JobReturns."""
     from hydra.core.utils import JobReturn, JobStatus
 
     write_manifest(sweep_dir, cells, launcher, finished=True)
     rows = write_summary(sweep_dir, cells)
     print(rows, flush=True)
     write_report(sweep_dir)
-    failed = [c for c in cells if c.status == "failed"]
-    if failed:
-        lines = [f"{len(failed)} of {len(cells)} cells failed:"]
-        for c in failed:
-            lines.append(f"  {c.name}: {c.error or 'see log'}  log: {c.log_path or '-'}")
+    bad = [c for c in cells if c.status != Status.completed]
+    if bad:
+        lines = [f"{len(bad)} of {len(cells)} cells did not complete:"]
+        for c in bad:
+            lines.append(f"  {c.name}: {c.status.value}: {c.error or 'see log'}  log: {c.log_path or '-'}")
         lines.append(f"Re-run the same command with hydra.sweep.dir={sweep_dir} to run only these again.")
         print("\n".join(lines), file=sys.stderr, flush=True)
         sys.exit(1)
@@ -178,7 +194,7 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
         ret = JobReturn()
         ret.overrides, ret.status = c.overrides, JobStatus.COMPLETED
         ret.working_dir = str(c.run_dir)
-        ret._return_value = (c.metrics or {}).get("main_metric_value")
+        ret._return_value = c.record.value if c.record else None
         returns.append(ret)
     return returns
 
@@ -186,17 +202,52 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
 # ----------------------------------------------------------------------------- local
 
 
+def device_slots(parallel: int) -> tuple[list[Optional[str]], str]:
+    """The CUDA device each of ``parallel`` concurrent cells gets, and a note for the log.
+
+    The devices are those in ``CUDA_VISIBLE_DEVICES`` when it is set (an empty value: none),
+    else the GPUs ``nvidia-smi -L`` lists. No device: every slot is None (CPU; the environment
+    is left alone). More cells at once than devices: capped at the device count, with a warning,
+    so two cells never share a GPU unasked.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    else:
+        devices = _nvidia_smi_devices()
+    if not devices:
+        return [None] * parallel, "no CUDA device"
+    if parallel > len(devices):
+        log.warning(
+            f"cluster.parallel={parallel} but only {len(devices)} CUDA device(s) ({','.join(devices)}): "
+            f"running {len(devices)} cells at once, one per device"
+        )
+        parallel = len(devices)
+    return devices[:parallel], f"one CUDA device each ({','.join(devices[:parallel])})"
+
+
+def _nvidia_smi_devices() -> list[str]:
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
+
+
 def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
     from hydra.core.singleton import Singleton
 
     config = launcher.config
-    parallel = launcher.parallel or int(config.cluster.parallel or 1)
+    parallel = max(1, int(launcher.parallel or config.cluster.parallel or 1))
     sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
-    cells_dir = sweep_dir / CELLS_DIR
-    pending = [c for c in cells if c.status == "pending"]
+    slots, slot_note = device_slots(parallel)
+    parallel = len(slots)
+    pending = [c for c in cells if c.status == Status.pending]
     for cell in pending:
-        cell.log_path = cells_dir / f"cell_{cell.idx}.log"
-    log_plan(sweep_dir, cells, f"{parallel} at a time")
+        cell.log_path = rf.cell_log(sweep_dir, cell.idx)
+    log_plan(sweep_dir, cells, f"{parallel} at a time, {slot_note}")
     write_manifest(sweep_dir, cells, "local", finished=False)
 
     import cloudpickle
@@ -207,38 +258,107 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         "config": config,
         "singleton_state": Singleton.get_state(),
     }
-    state_path = cells_dir / "launcher.pkl"
+    state_path = rf.cells_dir(sweep_dir) / rf.LAUNCHER_STATE
     state_path.write_bytes(cloudpickle.dumps(state))
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    _run_cells(pending, state_path, cells_dir, parallel, threads)
+    _run_cells(pending, state_path, sweep_dir, slots, threads)
     return finish_sweep(sweep_dir, cells, "local")
 
 
-def _run_cells(cells: list[Cell], state_path: Path, cells_dir: Path, parallel: int, threads: int) -> None:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PEFT_LAB_THREADS=str(threads))
-    queue = list(cells)
-    running: list[tuple[Cell, subprocess.Popen, threading.Thread, float]] = []
+def can_fork_cells(slots: list) -> bool:
+    """Start cells from a fork server that has imported torch, transformers and peft once?
+
+    Only without any GPU (no device slot, no ``/dev/nvidiactl``): a process forked after the CUDA
+    driver was initialised cannot use CUDA, so on a GPU machine every cell is a fresh interpreter.
+    ``PEFT_LAB_FORK_CELLS=0`` turns it off.
+    """
+    if os.environ.get("PEFT_LAB_FORK_CELLS", "1") == "0" or any(s is not None for s in slots):
+        return False
+    return not Path("/dev/nvidiactl").exists() and sys.platform.startswith("linux")
+
+
+class _Forked:
+    """A cell forked by the fork server, with the Popen calls the loop needs."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def poll(self) -> Optional[int]:
+        return self.process.exitcode
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.exitcode
+
+
+def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list, threads: int) -> None:
+    """Run ``cells`` as processes, ``len(slots)`` at a time; each running cell holds one slot (a CUDA device or None).
+
+    Each cell is its own process either way: a fresh ``python -m peft_lab.cell`` (GPU machines), or a
+    process forked from a fork server that imported the heavy libraries once (``can_fork_cells``).
+    """
+    thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PEFT_LAB_THREADS": str(threads)}
+    base_env = dict(os.environ, **thread_env)
+    fork = can_fork_cells(slots)
+    if fork:
+        import multiprocessing
+
+        os.environ.update(thread_env)  # the fork server inherits them when it starts (OpenMP reads them then)
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload(["peft_lab.preload"])
+    queue, free = list(cells), list(slots)
+    echo = len(slots) == 1
+    running: list[tuple[Cell, Any, threading.Thread, float, Any]] = []
     while queue or running:
-        while queue and len(running) < parallel:
-            cell = queue.pop(0)
-            cell.log_path = cells_dir / f"cell_{cell.idx}.log"
-            cmd = [sys.executable, "-m", "peft_lab.cell", str(state_path), str(cell.idx), *cell.overrides]
-            log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-            pump = threading.Thread(target=_pump, args=(proc, cell.log_path, parallel == 1), daemon=True)
+        while queue and free:
+            cell, slot = queue.pop(0), free.pop(0)
+            env = dict(base_env)
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+                cell.device = slot
+            cell.log_path = rf.cell_log(sweep_dir, cell.idx)
+            where = f" on CUDA device {slot}" if slot is not None else ""
+            log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}{where}")
+            argv = [str(state_path), str(cell.idx), *cell.overrides]
+            if fork:
+                from peft_lab import cell as cell_mod
+
+                cell.log_path.write_bytes(b"")
+                process = mp.Process(target=cell_mod.forked, args=(argv, str(cell.log_path), thread_env))
+                process.start()
+                proc: Any = _Forked(process)
+                pump = threading.Thread(target=_tail, args=(process, cell.log_path, echo), daemon=True)
+            else:
+                cmd = [sys.executable, "-m", "peft_lab.cell", *argv]
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+                pump = threading.Thread(target=_pump, args=(proc, cell.log_path, echo), daemon=True)
             pump.start()
-            running.append((cell, proc, pump, time.monotonic()))
+            running.append((cell, proc, pump, time.monotonic(), slot))
         time.sleep(0.2)
         for item in list(running):
-            cell, proc, pump, start = item
+            cell, proc, pump, start, slot = item
             if proc.poll() is None:
                 continue
             pump.join()
             running.remove(item)
+            free.append(slot)
             cell.wall_s = time.monotonic() - start
-            _collect(cell, proc.returncode, cells_dir)
+            _collect(cell, proc.returncode, sweep_dir)
+
+
+def _tail(process: Any, log_path: Path, echo: bool) -> None:
+    """Echo a forked cell's log to this terminal as it grows (one cell at a time), until it ends."""
+    with open(log_path, "rb") as f:
+        while True:
+            alive = process.is_alive()
+            chunk = f.read()
+            if chunk and echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            if not alive:
+                return
+            time.sleep(0.2)
 
 
 def _pump(proc: subprocess.Popen, log_path: Path, echo: bool) -> None:
@@ -251,19 +371,17 @@ def _pump(proc: subprocess.Popen, log_path: Path, echo: bool) -> None:
                 sys.stdout.flush()
 
 
-def _collect(cell: Cell, returncode: int, cells_dir: Path) -> None:
-    result_path = cells_dir / f"cell_{cell.idx}.result.json"
-    result = {}
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-    cell.metrics = read_metrics(cell.run_dir)
-    if returncode == 0 and cell.metrics.get("status") == "completed":
-        cell.status = "completed"
+def _collect(cell: Cell, returncode: int, sweep_dir: Path) -> None:
+    result = rf.read_json(rf.cell_result(sweep_dir, cell.idx))
+    cell.record = rf.read_record(cell.run_dir)
+    rec_status = cell.record.status if cell.record else None
+    if returncode == 0 and rec_status == Status.completed:
+        cell.status = Status.completed
         return
-    cell.status = "failed"
-    cell.error = result.get("error") or f"process exited with code {returncode}"
-    if (cell.run_dir / "train.log").exists() and not cell.log_path:
-        cell.log_path = cell.run_dir / "train.log"
+    cell.status = Status.interrupted if rec_status == Status.interrupted else Status.failed
+    cell.error = (
+        result.get("error") or (cell.record.error if cell.record else "") or f"process exited with code {returncode}"
+    )
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -274,7 +392,7 @@ def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     from hydra.core.singleton import Singleton
 
     sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
-    pending = [c for c in cells if c.status == "pending"]
+    pending = [c for c in cells if c.status == Status.pending]
     params = launcher.params
     attached = _attach_live_tasks(sweep_dir, pending)
     to_submit = [c for c in pending if c.job_id == ""]
@@ -322,7 +440,7 @@ def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:
     submitting shell died, say): wait for that task rather than start a second one on the same run dir."""
     from peft_lab.status import squeue_states
 
-    earlier = {e["name"]: e for e in read_manifest(sweep_dir).get("cells", []) if e.get("job_id") and e.get("log")}
+    earlier = {e["name"]: e for e in rf.read_manifest(sweep_dir).get("cells", []) if e.get("job_id") and e.get("log")}
     candidates = [c for c in pending if c.name in earlier]
     if not candidates:
         return []
@@ -377,23 +495,24 @@ def _wait_slurm(pending: list, poll_s: Optional[float] = None) -> None:
             except Exception as exc:  # FailedJobError, UncompletedJobError, ...: this cell only
                 err = exc
             _collect_slurm(cell, err)
-            value = cell.metrics.get("main_metric_value")
-            shown = f"{cell.metrics.get('main_metric')} = {value:.4f}" if value is not None else cell.error
+            value = cell.record.value if cell.record else None
+            shown = f"{cell.record.main_metric} = {value:.4f}" if value is not None else cell.error
             log.info(f"#{cell.idx} {cell.name} (task {cell.job_id}): {cell.status}  {shown}")
         if remaining:
             time.sleep(poll_s)
 
 
 def _collect_slurm(cell: Cell, err: Optional[BaseException]) -> None:
-    cell.metrics = read_metrics(cell.run_dir)
-    if err is None and cell.metrics.get("status") == "completed":
-        cell.status = "completed"
+    cell.record = rf.read_record(cell.run_dir)
+    rec_status = cell.record.status if cell.record else None
+    if err is None and rec_status == Status.completed:
+        cell.status = Status.completed
         return
-    cell.status = "failed"
+    cell.status = Status.interrupted if rec_status == Status.interrupted and err is None else Status.failed
     # the task's own traceback first: metrics.json may still hold an earlier attempt's error
     cell.error = _short_error(err)
-    if not cell.error and cell.metrics.get("status") == "failed" and cell.metrics.get("error"):
-        cell.error = str(cell.metrics["error"]).replace("\n", " ")[:500]
+    if not cell.error and rec_status == Status.failed and cell.record.error:
+        cell.error = str(cell.record.error).replace("\n", " ")[:500]
     cell.error = cell.error or "task ended without a result"
 
 
@@ -428,7 +547,7 @@ def run_slurm_task(call: Callable[[], Any]) -> Any:
     from hydra.core.utils import JobStatus
 
     import peft_lab.config  # noqa: F401  (the cell_dir resolver the run dir needs)
-    from peft_lab.errors import UserError
+    from peft_lab.errors import DivergedError, UserError
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and not os.environ.get("PEFT_LAB_THREADS"):
@@ -436,7 +555,7 @@ def run_slurm_task(call: Callable[[], Any]) -> Any:
     ret = call()
     if ret.status != JobStatus.COMPLETED:
         err = ret._return_value
-        if isinstance(err, UserError):
+        if isinstance(err, (UserError, DivergedError)):
             print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
         raise err
     return ret
@@ -448,15 +567,15 @@ def run_slurm_task(call: Callable[[], Any]) -> Any:
 def summary_rows(cells: list[Cell]) -> list[dict]:
     rows = []
     for c in cells:
-        m = c.metrics or {}
-        value = m.get("main_metric_value")
+        rec = c.record
+        value = rec.value if rec else None
         rows.append(
             {
                 "cell": c.name,
-                "status": c.status,
-                "metric": m.get("main_metric", ""),
+                "status": c.status.value + (" (skipped: done earlier)" if c.skipped else ""),
+                "metric": (rec.main_metric if rec else "") or "",
                 "value": "" if value is None else f"{value:.4f}",
-                "time_s": f"{c.wall_s or m.get('run_wall_s') or 0.0:.1f}",
+                "time_s": f"{c.wall_s or (rec.run_wall_s if rec else 0.0) or 0.0:.1f}",
                 "log": str(c.log_path or ""),
             }
         )
@@ -472,13 +591,17 @@ def write_summary(sweep_dir: Path, cells: list[Cell]) -> str:
     lines.append("-|-".join("-" * widths[k] for k in cols))
     lines += [" | ".join(r[k].ljust(widths[k]) for k in cols) for r in rows]
     table = "\n".join(lines)
-    counts = {s: sum(c.status == s for c in cells) for s in ("completed", "skipped", "failed")}
-    footer = ", ".join(f"{n} {s}" for s, n in counts.items())
+    counts = {s.value: sum(c.status == s for c in cells) for s in Status}
+    counts["completed"] -= sum(c.skipped for c in cells)  # "completed" here: by this launch
+    counts["skipped"] = sum(c.skipped for c in cells)
+    always = ("completed", "skipped", "failed")
+    footer = ", ".join(f"{counts[s]} {s}" for s in always)
+    footer += "".join(f", {n} {s}" for s, n in counts.items() if n and s not in always)
     text = f"Sweep summary ({footer})\n{table}\n"
-    write_atomic(sweep_dir / "summary.md", f"# {text}")
+    rf.write_atomic(sweep_dir / rf.SUMMARY_MD, f"# {text}")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else cols)
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(sweep_dir / "summary.csv", buf.getvalue())
+    rf.write_atomic(sweep_dir / rf.SUMMARY_CSV, buf.getvalue())
     return text

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from peft_lab import runfiles as rf
+
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "wandb_run_id.txt"
-GROUP_FILE = "group.txt"  # in <sweep>/.cells/
 SINGLE_RUN_GROUP = "single-runs"
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 # api_key, hf_token, access_token, token, password, client_secret, ... (not tokens_per_s or tokenizer)
@@ -116,6 +116,7 @@ def resolve_mode(mode: str, timeout: float = 3.0) -> str:
 
     Bounded by ``timeout`` seconds: decided before ``wandb.init``, which could otherwise wait ~90 s.
     """
+    mode = str(getattr(mode, "value", mode))  # a LoggerMode member from the config -> the plain string wandb takes
     if mode not in ("auto", "online"):
         return mode
     if not api_key_configured():
@@ -144,19 +145,15 @@ def derive_group(sweep_dir: Path) -> str:
 
 
 def _pinned(sweep_dir: Path) -> Optional[str]:
-    path = Path(sweep_dir) / ".cells" / GROUP_FILE
-    return (path.read_text().strip() or None) if path.exists() else None
+    return rf.read_group(sweep_dir)
 
 
 def pin_group(sweep_dir: Path, explicit: Optional[str]) -> str:
     """Called by the launcher: the sweep's group, written once so every later run (re-run, requeue) reuses it."""
-    from peft_lab.metrics import write_atomic
-
     if not explicit and (pinned := _pinned(sweep_dir)):
         return pinned
     group = explicit or derive_group(sweep_dir)
-    (Path(sweep_dir) / ".cells").mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(sweep_dir) / ".cells" / GROUP_FILE, group + "\n")
+    rf.write_group(sweep_dir, group)
     return group
 
 
@@ -170,11 +167,9 @@ def sweep_group(sweep_dir: Optional[Path], explicit: Optional[str]) -> str:
 
 def seeds_vary(sweep_dir: Optional[Path], own_overrides: list[str]) -> bool:
     """True when the sweep's cells use more than one seed (read from its manifest)."""
-    from peft_lab.sweep import read_manifest
-
     if sweep_dir is None:
         return False
-    manifest = read_manifest(sweep_dir)
+    manifest = rf.read_manifest(sweep_dir)
     if not manifest:
         return any(o.startswith("seed=") for o in own_overrides)
     seeds = {
@@ -200,7 +195,7 @@ def make_tracker(
         return NullTracker()
     import wandb
 
-    id_file = run_dir / RUN_ID_FILE
+    id_file = run_dir / rf.WANDB_RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)

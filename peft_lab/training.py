@@ -22,9 +22,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from peft_lab import runfiles as rf
+from peft_lab.errors import DivergedError
+
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoint"
+CKPT_DIR = rf.CHECKPOINT_DIR
 
 
 # ----------------------------------------------------------------------------- batches
@@ -112,6 +115,7 @@ def evaluate(
 
 
 def classification_metrics(preds: list[int], golds: list[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 (over the classes seen in either list) of predicted vs gold label ids; 0..1."""
     accuracy = sum(p == g for p, g in zip(preds, golds)) / max(1, len(golds))
     f1s = []
     for c in sorted(set(golds) | set(preds)):
@@ -127,6 +131,9 @@ def classification_metrics(preds: list[int], golds: list[int]) -> dict[str, floa
 
 @dataclass
 class TrainResult:
+    """What ``train`` did: optimizer steps (this process and before a resume), wall seconds of this process's
+    steps, examples and non-pad tokens seen by this process, the last step's loss (None if no step ran here)."""
+
     steps: int
     total_steps: int
     wall_s: float
@@ -152,7 +159,46 @@ def train(
     run_dir: Path,
     on_log: Callable[[dict, int], None],
     on_eval: Callable[[int], None],
+    grad_scaler: bool = False,
+    on_progress: Optional[Callable[[int, int, int], None]] = None,
 ) -> TrainResult:
+    """Train ``model`` for ``cfg.train`` (steps or epochs), resuming from ``run_dir/checkpoint`` if asked.
+
+    Args:
+        model: the PEFT model (its trainable parameters are optimised), already on ``device``.
+        method: the method object (hooks ``before_forward``, ``extra_loss``, ``after_optimizer_step``,
+            ``optimizer_class``, ``state_dict``).
+        examples: tokenized examples, ``{"input_ids": list[int]}`` plus ``"labels": int`` for classification.
+        cfg: the composed config (``cfg.train``, ``cfg.method.lr``, ``cfg.seed``).
+        task: ``classification``, ``causal_lm`` or ``masked_lm``.
+        tokenizer: gives ``pad_token_id`` (and ``mask_token_id`` for masked LM).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ...
+        autocast: a zero-argument factory of the autocast context (``contextlib.nullcontext`` for fp32).
+        run_dir: the run folder; the checkpoint lives in ``run_dir/checkpoint``.
+        on_log: called ``(entry, step)`` every ``train.log_every`` steps and at the last one; ``entry`` has
+            ``step``, ``loss`` (the step's loss, below), ``lr``, ``samples_per_s``, ``tokens_per_s``.
+        on_eval: called with the step every ``train.eval_every`` steps (not at the last one).
+        on_progress: if given, called ``(steps done, total steps, step resumed from (0: fresh))`` once before
+            the first step and after every optimizer step (outside the timed part of the step).
+        grad_scaler: use a ``torch.amp.GradScaler`` (for fp16 autocast): the loss is scaled for backward,
+            gradients are unscaled before clipping, steps with inf/nan gradients are skipped and the scale
+            adapts; its state is checkpointed with the rest.
+
+    One optimizer step takes ``train.grad_accum`` micro-batches of ``train.batch_size`` examples (fewer at
+    the end of an epoch). Each micro-batch's mean loss is weighted by its share of the group's examples
+    (classification) or predicted tokens (causal LM: ``labels[:, 1:] != -100``; masked LM:
+    ``labels != -100``), so the step optimises, and logs, the mean loss over all of the step's examples
+    or tokens, exactly as one batch of the whole group would. The method's ``extra_loss`` (a penalty on
+    the weights) is added once per step, and is part of the logged loss.
+
+    Returns:
+        TrainResult; ``final_loss`` is the last step's loss, ``wall_s`` and ``step_times`` are seconds.
+
+    Raises:
+        DivergedError: the loss of an optimizer step is nan or inf. Raised before that step updates the
+            weights; no checkpoint is written for it (the last one saved stays).
+        RuntimeError: the checkpoint does not match the model.
+    """
     tc = cfg.train
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_cls, opt_name = method.optimizer_class(device)
@@ -162,23 +208,31 @@ def train(
     total = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
     from transformers import get_scheduler
 
+    schedule = str(getattr(tc.scheduler, "value", tc.scheduler))  # a schemas.Scheduler member -> its plain name
     scheduler = get_scheduler(
-        tc.scheduler, optimizer, num_warmup_steps=round(tc.warmup_ratio * total), num_training_steps=total
+        schedule, optimizer, num_warmup_steps=round(tc.warmup_ratio * total), num_training_steps=total
     )
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if grad_scaler else None
     pos = {"step": 0, "epoch": 0, "micro": 0}
     mlm_gen = torch.Generator().manual_seed(cfg.seed)  # masked-LM masks; part of the checkpointed RNG state
     ckpt = run_dir / CKPT_DIR
     if tc.resume and (ckpt / "state.json").exists():
-        pos = load_checkpoint(ckpt, model, optimizer, scheduler, method, mlm_gen)
+        pos = load_checkpoint(ckpt, model, optimizer, scheduler, method, mlm_gen, scaler=scaler)
         log.info(f"Resumed from step {pos['step']} (epoch {pos['epoch']}, batch {pos['micro']}) of {total}")
     resumed_from = pos["step"]
     log.info(
         f"Training {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size} x {tc.grad_accum}), "
-        f"optimizer {opt_name}, lr {cfg.method.lr}"
+        f"optimizer {opt_name}, lr {cfg.method.lr}" + (", fp16 gradient scaler" if scaler is not None else "")
     )
 
+    if on_progress is not None:
+        on_progress(pos["step"], total, resumed_from)
+
+    def backward(loss: torch.Tensor) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
     model.train()
-    history, samples, tokens, wall, loss_acc, last_loss = [], 0, 0, 0.0, 0.0, None
+    history, samples, tokens, wall, last_loss = [], 0, 0, 0.0, None
     step_times: list[float] = []
     first_step_done_at: Optional[float] = None
     window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -188,25 +242,52 @@ def train(
         while pos["micro"] < len(micros) and pos["step"] < total:
             t0 = time.perf_counter()
             group = micros[pos["micro"] : pos["micro"] + tc.grad_accum]
-            loss_acc = 0.0
-            for idx in group:
-                batch = _to(collate([examples[i] for i in idx], task, tokenizer, mlm_gen), device)
+            # collate the whole group first (on the host, in the same order as ever, so the masked-LM
+            # generator advances as before): each micro-batch's weight needs the group's total count
+            batches = [collate([examples[i] for i in idx], task, tokenizer, mlm_gen) for idx in group]
+            counts = [loss_count(b, task) for b in batches]
+            group_count = sum(counts)
+            step_loss, has_grad = None, False  # the loss on the device, read once per step
+            for batch, n in zip(batches, counts):
+                n_tok = int(batch["attention_mask"].sum())
+                samples += len(batch["input_ids"])
+                tokens += n_tok
+                window_samples += len(batch["input_ids"])
+                window_tokens += n_tok
+                if n == 0:  # nothing to predict here (its mean loss would be 0/0): no part in the step
+                    continue
+                batch = _to(batch, device)
                 method.before_forward(batch, pos["step"], total, training=True)
                 with autocast():
                     loss = model(**batch).loss
-                    extra = method.extra_loss(model)
-                    if extra is not None:
-                        loss = loss + extra
-                (loss / len(group)).backward()
-                loss_acc += loss.item() / len(group)
-                samples += len(idx)
-                n_tok = int(batch["attention_mask"].sum())
-                tokens += n_tok
-                window_samples += len(idx)
-                window_tokens += n_tok
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-            optimizer.step()
+                if n != group_count:  # the model's mean over this micro-batch -> its share of the group's mean
+                    loss = loss * (n / group_count)
+                backward(loss)
+                has_grad = True
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            with autocast():
+                extra = method.extra_loss(model)  # once per step, whatever the accumulation
+            if extra is not None:
+                if torch.is_tensor(extra) and extra.requires_grad:
+                    backward(extra)
+                    has_grad = True
+                extra = torch.as_tensor(extra).detach().float()
+                step_loss = extra if step_loss is None else step_loss + extra.to(step_loss.device)
+            loss_value = 0.0 if step_loss is None else step_loss.item()
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                raise DivergedError(pos["step"] + 1, loss_value, total)
+            if has_grad:  # else nothing to step (and a GradScaler would find no gradient to check)
+                if scaler is not None:
+                    if tc.max_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+                    scaler.step(optimizer)  # skipped when the gradients hold inf/nan (the scale then drops)
+                    scaler.update()
+                else:
+                    if tc.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+                    optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             pos["step"] += 1
@@ -216,7 +297,9 @@ def train(
             wall += step_times[-1]
             if first_step_done_at is None:
                 first_step_done_at = time.time()
-            last_loss = loss_acc
+            if on_progress is not None:
+                on_progress(pos["step"], total, resumed_from)
+            last_loss = loss_value
             if pos["step"] % max(1, tc.log_every) == 0 or pos["step"] == total:
                 now = time.perf_counter()
                 rate = window_samples / max(1e-9, now - window_t)
@@ -224,7 +307,7 @@ def train(
                 window_t, window_samples, window_tokens = now, 0, 0
                 entry = {
                     "step": pos["step"],
-                    "loss": loss_acc,
+                    "loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": rate,
                     "tokens_per_s": tok_rate,
@@ -232,18 +315,18 @@ def train(
                 history.append(entry)
                 eta = (total - pos["step"]) * wall / max(1, pos["step"] - resumed_from)
                 log.info(
-                    f"step {pos['step']}/{total}  loss {loss_acc:.4f}  lr {entry['lr']:.2e}  "
+                    f"step {pos['step']}/{total}  loss {loss_value:.4f}  lr {entry['lr']:.2e}  "
                     f"{rate:.1f} samples/s  eta {eta:.0f}s"
                 )
                 on_log(entry, pos["step"])
             if tc.eval_every > 0 and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
                 on_eval(pos["step"])
             if tc.checkpoint_every > 0 and pos["step"] % tc.checkpoint_every == 0 and pos["step"] < total:
-                save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen)
+                save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen, scaler=scaler)
         if pos["micro"] >= len(micros):
             pos["epoch"] += 1
             pos["micro"] = 0
-    save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen)
+    save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen, scaler=scaler)
     return TrainResult(
         steps=pos["step"],
         total_steps=total,
@@ -258,13 +341,34 @@ def train(
     )
 
 
+def loss_count(batch: dict, task: str) -> int:
+    """What the model's mean loss over ``batch`` averages: its examples (classification; ``labels`` of shape
+    ``(B,)``), its predicted tokens for causal LM (``labels[:, 1:] != -100``: the model shifts the labels
+    by one) or for masked LM (``labels != -100``); ``labels`` of shape ``(B, T)``. Read on the host."""
+    labels = batch["labels"]
+    if task == "classification":
+        return int(labels.shape[0])
+    if task == "causal_lm":
+        labels = labels[:, 1:]
+    return int((labels != -100).sum())
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(
-    ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, pos: dict, generator: Any
+    ckpt: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    method: Any,
+    pos: dict,
+    generator: Any,
+    *,
+    scaler: Any = None,
 ) -> None:
-    """Trainable weights, optimizer, scheduler, RNG, method state and data position, swapped in atomically."""
+    """Trainable weights, optimizer, scheduler, RNG, method state, the gradient scaler's state (``scaler``, a
+    ``torch.amp.GradScaler`` or None) and data position (``pos``: step, epoch, micro), swapped in atomically."""
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -276,6 +380,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "method": method.state_dict(),
             "rng": _rng_state(generator),
+            "scaler": scaler.state_dict() if scaler is not None else None,
         },
         tmp / "state.pt",
     )
@@ -288,7 +393,14 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, generator: Any) -> dict:
+def load_checkpoint(
+    ckpt: Path, model: Any, optimizer: Any, scheduler: Any, method: Any, generator: Any, *, scaler: Any = None
+) -> dict:
+    """Restore what ``save_checkpoint`` wrote, in place; returns the data position (step, epoch, micro).
+
+    ``scaler`` (a ``torch.amp.GradScaler``) gets the saved scale and growth state when the checkpoint has
+    one (a checkpoint written without a scaler leaves it at its initial state).
+    Raises RuntimeError when the checkpoint's trainable weights do not match ``model``."""
     trainable = torch.load(ckpt / "trainable.pt", weights_only=True)
     params = dict(model.named_parameters())
     missing = [n for n in trainable if n not in params]
@@ -304,6 +416,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, meth
     scheduler.load_state_dict(state["scheduler"])
     method.load_state_dict(state["method"])
     _set_rng_state(state["rng"], generator)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return json.loads((ckpt / "state.json").read_text())
 
 

@@ -21,12 +21,20 @@ COMPOSITION_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(COMPOSITION_CASES))
-def test_composition_errors(case, run_cli, tmp_path):
+def test_composition_errors(case, compose):
+    """Hydra's compose API, in-process: the same composition `train.py` runs."""
     args, expected = COMPOSITION_CASES[case]
+    with pytest.raises(Exception) as err:
+        compose(*TINY, *args)
+    text = f"{err.value} {err.value.__cause__ or ''}"
+    assert expected in text, text
+
+
+def test_composition_error_from_the_command_line(run_cli, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, *args, f"hydra.run.dir={run_dir}")
+    proc = run_cli(*TINY, "method.r=abc", f"hydra.run.dir={run_dir}")
     assert proc.returncode != 0
-    assert expected in proc.stderr, proc.stderr
+    assert "Value 'abc' of type 'str' could not be converted to Integer" in proc.stderr, proc.stderr
     assert not run_dir.exists(), "composition errors must not create a run dir"
 
 
@@ -113,8 +121,38 @@ DATA_CASES = [
 ]
 
 
+def _check_failed_cleanly(run_dir: Path, expected: str) -> None:
+    metrics = read_metrics(run_dir)
+    assert metrics.get("status") == "failed" and expected in metrics["error"], metrics
+    assert metrics.get("failure") == "user_error"
+    assert not (run_dir / "adapter").exists() and not (run_dir / "checkpoint").exists()
+
+
 @pytest.mark.parametrize("case", DATA_CASES)
-def test_task_errors(case, run_cli, tmp_path, sst2_dir):
+def test_task_errors(case, compose, tmp_path, sst2_dir, cache_dir, monkeypatch):
+    """Each case through the run pipeline in-process: a UserError naming problem and fix, a failed record."""
+    from peft_lab import run
+    from peft_lab.errors import UserError
+
+    monkeypatch.setenv("PEFT_LAB_CACHE", str(cache_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("PEFT_LAB_DATA_ROOT", raising=False)
+    args, expected = _data_case(case, tmp_path, sst2_dir)
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        run.execute(compose(*TINY, *args), run.RunContext(run_dir))
+    # "fails fast": no 23 s of Hub retries, no 46 s tokenizer look-up (generous bound for a loaded CI box)
+    assert time.monotonic() - start < 30
+    message = str(err.value)
+    assert expected in message and "Fix:" in message and "\n" not in message, message
+    _check_failed_cleanly(run_dir, expected)
+
+
+@pytest.mark.parametrize("case", ["hub_offline_no_local_copy"])
+def test_task_errors_from_the_command_line(case, run_cli, tmp_path, sst2_dir):
+    """As a user sees it: exit 2, one `peft_lab: error:` line with the fix, no traceback, fast."""
     args, expected = _data_case(case, tmp_path, sst2_dir)
     run_dir = tmp_path / "run"
     start = time.monotonic()
@@ -125,9 +163,6 @@ def test_task_errors(case, run_cli, tmp_path, sst2_dir):
     assert len(errors) == 1, proc.stderr[-3000:]
     assert expected in errors[0] and "Fix:" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
-    metrics = read_metrics(run_dir)
-    assert metrics.get("status") != "completed"
-    assert metrics.get("status") == "failed" and expected in metrics["error"]
-    assert not (run_dir / "adapter").exists()
+    _check_failed_cleanly(run_dir, expected)
     # "fails fast": no 23 s of Hub retries, no 46 s tokenizer look-up (generous bound for a loaded CI box)
     assert elapsed < 60

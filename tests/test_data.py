@@ -41,6 +41,21 @@ def test_local_folder_formats(ext, compose, tmp_path):
     assert list(loaded["sentence"]) == rows["sentence"] and list(loaded["label"]) == rows["label"]
 
 
+def test_tsv_is_unquoted_as_in_glue(compose, tmp_path):
+    """GLUE .tsv files have no quoting: a sentence that starts with '"' must not swallow the next rows."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    lines = ['" a good film\t1', "a bad film\t0", 'an " odd one\t1']
+    for split in ("train", "validation"):
+        (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(lines) + "\n")
+    cfg = compose("dataset=sst2", f"dataset.data_dir={folder}")
+    data.check_config(cfg.dataset)
+    loaded, _ = data.load_validated(cfg.dataset, "train")
+    assert list(loaded["sentence"]) == ['" a good film', "a bad film", 'an " odd one']
+    labels = list(loaded["label"])
+    assert labels == [1, 0, 1] and all(type(lab) is int for lab in labels)
+
+
 def test_txt_folder_for_language_modelling(compose, tmp_path):
     folder = tmp_path / "wt"
     folder.mkdir()

@@ -15,13 +15,15 @@ from pathlib import Path
 from peft_lab import status
 
 
-def _cell(sweep: Path, name: str, metrics: dict | None = None, log: str = "", ckpt_step: int | None = None) -> dict:
+def _cell(
+    sweep: Path, name: str, metrics: dict | None = None, progress: dict | None = None, ckpt_step: int | None = None
+) -> dict:
     run_dir = sweep / name
     run_dir.mkdir(parents=True)
     if metrics is not None:
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    if log:
-        (run_dir / "train.log").write_text(log)
+    if progress:
+        (run_dir / "progress.json").write_text(json.dumps(progress))
     if ckpt_step is not None:
         (run_dir / "checkpoint").mkdir()
         (run_dir / "checkpoint" / "state.json").write_text(json.dumps({"step": ckpt_step, "epoch": 0, "micro": 0}))
@@ -41,12 +43,8 @@ def _dead_pid() -> int:
 def test_local_sweep_states_and_progress(tmp_path):
     sweep = tmp_path / "sweep"
     host = socket.gethostname()
-    lines = "[x][peft_lab.training][INFO] - Training 60 steps (12/epoch)\n[x][peft_lab.training][INFO] - step 10/60  loss 1\n"
-    resumed = (
-        lines
-        + "step 40/60  loss 1\n"  # the first attempt got to 40, its last checkpoint was 30
-        + "Resumed from step 30 (epoch 2, batch 6) of 60\nTraining 60 steps (12/epoch)\nstep 34/60  loss 1\n"
-    )
+    lines = {"step": 10, "total": 60, "resumed_from": 0}
+    resumed = {"step": 34, "total": 60, "resumed_from": 30}  # the first attempt's last checkpoint was 30
     done = {"status": "completed", "steps": 6, "main_metric": "accuracy", "main_metric_value": 0.75}
     entries = [
         _cell(sweep, "a=completed", done),
@@ -68,7 +66,7 @@ def test_local_sweep_states_and_progress(tmp_path):
     assert {n: r["state"] for n, r in rows.items()} == {
         "a=completed": "completed",
         "b=running": "running",
-        "c=interrupted": "failed",
+        "c=interrupted": "interrupted",
         "d=failed": "failed",
         "e=pending": "pending",
         "f=resumed": "running",
@@ -76,12 +74,12 @@ def test_local_sweep_states_and_progress(tmp_path):
     assert (rows["a=completed"]["step"], rows["a=completed"]["value"]) == (6, 0.75)
     assert (rows["b=running"]["step"], rows["b=running"]["total"]) == (10, 60)
     assert (rows["f=resumed"]["step"], rows["f=resumed"]["resumed_from"]) == (34, 30)
-    assert "interrupted" in rows["c=interrupted"]["note"] and rows["d=failed"]["note"] == "UserError: bad"
+    assert "process is gone" in rows["c=interrupted"]["note"] and rows["d=failed"]["note"] == "UserError: bad"
     assert info["submitter_alive"] is False
 
     proc = subprocess.run([sys.executable, "-m", "peft_lab.status", str(sweep)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "6 cells: 1 pending, 2 running, 1 completed, 2 failed" in proc.stdout
+    assert "6 cells: 1 pending, 2 running, 1 interrupted, 1 completed, 1 failed" in proc.stdout
     assert "34/60 (resumed from 30)" in proc.stdout and "0.7500" in proc.stdout
     assert "The submitting process is gone" in proc.stdout
 
@@ -141,3 +139,22 @@ def test_slurm_states_map_to_cell_states(tmp_path):
     # sacct lag right after the end, or no SLURM client at all: submitit's result file decides
     assert state(None, None, running, name="n")["state"] == "running"
     assert state({}, {}, running, name="gone")["state"] == "failed"
+
+
+def test_one_status_vocabulary_for_an_interrupted_run(tmp_path):
+    """A run stopped by a signal is `interrupted` in its record, in status, in the report and in the sweep summary."""
+    from peft_lab import report, runfiles, sweep
+
+    sw = tmp_path / "sweep"
+    rec = runfiles.RunRecord(status=runfiles.Status.interrupted, method="lora", dataset="sst2", model="tiny",
+                             main_metric="accuracy", config={"method": {"name": "lora"}})  # fmt: skip
+    run_dir = sw / "method=lora"
+    rec.save(run_dir)
+    entry = {"name": run_dir.name, "run_dir": str(run_dir), "status": "pending", "job_id": "", "log": None}
+    assert status.cell_state(entry, None, None)["state"] == "interrupted"
+    _, _, cells = report.aggregate(report.load_runs(sw))
+    assert cells[("lora", "sst2")].status == "interrupted"
+    cell = sweep.Cell(0, ["method=lora"], run_dir=run_dir)
+    sweep._collect(cell, -15, sw)  # the cell's process ended by SIGTERM after writing "interrupted"
+    assert cell.status == runfiles.Status.interrupted
+    assert "1 interrupted" in sweep.write_summary(sw, [cell])

@@ -16,6 +16,20 @@ PEFT_TASK_TYPE = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "masked
 
 
 class Method:
+    """The contract between a method and the pipeline (``peft_lab.run``) and loop (``peft_lab.training``).
+
+    Call order in a run: ``validate`` -> ``load_kwargs`` -> (model loaded) -> ``prepare_base`` ->
+    ``adapt`` -> for each optimizer step: per micro-batch ``before_forward`` + forward, then once
+    ``extra_loss``, the optimizer step and ``after_optimizer_step`` -> ``metrics`` -> ``save_adapter``. ``state_dict`` /
+    ``load_state_dict`` go into and come out of every checkpoint. Errors a user can fix are
+    ``peft_lab.errors.UserError`` (``fail(problem, fix)``), raised as early as possible.
+
+    Args:
+        cfg: the ``method`` config node (this method's ``Config`` dataclass, composed).
+        model_cfg: the ``model`` config node.
+        task: the effective task: ``classification``, ``causal_lm`` or ``masked_lm``.
+    """
+
     name = "base"
 
     def __init__(self, cfg: Any, model_cfg: Any, task: str) -> None:
@@ -25,6 +39,7 @@ class Method:
 
     # -- start-up -----------------------------------------------------------
     def validate(self) -> None:
+        """Start-up checks that need no weights (runs before torch is imported). Raises UserError."""
         self.target_modules()
 
     def target_modules(self) -> list[str]:
@@ -54,7 +69,7 @@ class Method:
 
     # -- model --------------------------------------------------------------
     def load_kwargs(self, device: str) -> dict[str, Any]:
-        """Extra ``from_pretrained`` kwargs (e.g. a quantisation config)."""
+        """Extra ``from_pretrained`` kwargs for ``device`` ("cpu", "cuda", "cuda:1"), e.g. a quantisation config."""
         return {}
 
     def prepare_base(self, model: Any) -> Any:
@@ -62,27 +77,37 @@ class Method:
         return model
 
     def adapt(self, model: Any) -> Any:
+        """Return the trainable model: adapter layers added, everything else frozen (``requires_grad``
+        False), task heads in ``modules_to_save`` trainable. Raises UserError when targets do not match."""
         raise NotImplementedError
 
     # -- training hooks -----------------------------------------------------
     def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
-        """Called with each batch before the forward pass (training and evaluation)."""
+        """Called with each micro-batch before its forward pass, in training and in evaluation.
+
+        ``batch``: ``input_ids`` / ``attention_mask`` (long, [batch, seq]) and ``labels`` ([batch] class ids,
+        or [batch, seq] token ids with -100 where nothing is predicted), already on the device.
+        ``step``: optimizer steps done so far (0-based); ``total``: planned steps (1 in evaluation)."""
 
     def extra_loss(self, model: Any) -> Any:
+        """A scalar tensor added to the loss once per optimizer step (e.g. an L1 penalty), or None."""
         return None
 
     def after_optimizer_step(self, model: Any, step: int, total_steps: int) -> None:
-        pass
+        """Called after each optimizer step; ``step`` is 1-based (steps done), ``total_steps`` the plan."""
 
     def optimizer_class(self, device: str) -> tuple[Any, str]:
+        """(optimizer class taking ``(params, lr=, weight_decay=)``, its name for the log)."""
         import torch
 
         return torch.optim.AdamW, "adamw"
 
     def metrics(self, model: Any) -> dict[str, Any]:
+        """What the method reports about itself (JSON values), stored as ``method_metrics`` in metrics.json."""
         return {}
 
     def save_adapter(self, model: Any, folder: Any) -> None:
+        """Write the trained adapter to ``folder`` so that ``load_adapter`` rebuilds the same outputs."""
         model.save_pretrained(folder)
 
     def load_adapter(self, base_model: Any, folder: Any) -> Any:

@@ -7,19 +7,33 @@ from typing import Any
 
 from peft_lab.methods.base import Method as BaseMethod
 from peft_lab.methods.base import make_peft_model
-from peft_lab.schemas import MethodConfig
+from peft_lab.schemas import Choice, MethodConfig
 
 NAME = "lora"
 
 
+class Bias(Choice):
+    """``method.bias``: which biases train (``peft.LoraConfig.bias``)."""
+
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
 @dataclass
 class Config(MethodConfig):
+    """LoRA's keys, and the shared defaults of every method built on it (qlora, sparse, sparselora).
+
+    These defaults are the only place the shared keys are written: ``conf/method/*.yaml``
+    of the LoRA family set only their own keys (``target_modules``: ``MethodConfig``).
+    """
+
     name: str = NAME
-    lr: float = 5e-4
-    r: int = 8
-    lora_alpha: int = 16
+    lr: float = 5e-4  # SST-2 on SmolLM2-135M: 0.80 dev acc after 125 steps at 5e-4
+    r: int = 8  # rank; higher = more capacity and more parameters
+    lora_alpha: int = 16  # scaling alpha/r = 2
     lora_dropout: float = 0.05
-    bias: str = "none"
+    bias: Bias = Bias.none
 
 
 class Method(BaseMethod):
@@ -32,7 +46,7 @@ class Method(BaseMethod):
             r=self.cfg.r,
             lora_alpha=self.cfg.lora_alpha,
             lora_dropout=self.cfg.lora_dropout,
-            bias=self.cfg.bias,
+            bias=getattr(self.cfg.bias, "value", self.cfg.bias),
             target_modules=self.target_modules(),
             modules_to_save=self.modules_to_save(),
             task_type=self.peft_task_type(),

@@ -13,19 +13,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from peft_lab.methods import lora
+from peft_lab.schemas import Choice, Precision
 
 log = logging.getLogger(__name__)
 NAME = "qlora"
 
 
+class QuantType(Choice):
+    """``method.quant_type``: bitsandbytes' 4-bit data type."""
+
+    nf4 = "nf4"  # NormalFloat4 (QLoRA)
+    fp4 = "fp4"
+
+
+class PagedOptimizer(Choice):
+    """``method.paged_optimizer``: bitsandbytes' paged AdamW (CUDA only; CPU uses torch AdamW)."""
+
+    paged_adamw_32bit = "paged_adamw_32bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+
+
 @dataclass
 class Config(lora.Config):
+    """QLoRA's own keys; the LoRA keys and their defaults come from ``lora.Config``."""
+
     name: str = NAME
-    quant_type: str = "nf4"
+    quant_type: QuantType = QuantType.nf4
     double_quant: bool = True
-    compute_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compute_dtype: Precision = Precision.auto  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
-    paged_optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit (CUDA only)
+    paged_optimizer: PagedOptimizer = PagedOptimizer.paged_adamw_32bit  # CUDA only
     cpu_fast_eval: bool = False  # bitsandbytes' AVX512-BF16 repack for CPU evaluation (see _guard_cpu_repack)
 
 
@@ -46,7 +63,7 @@ class Method(lora.Method):
     def compute_dtype(self, device: str) -> Any:
         import torch
 
-        name = self.cfg.compute_dtype
+        name = getattr(self.cfg.compute_dtype, "value", self.cfg.compute_dtype)
         if name == "auto":
             name = "bf16" if device.startswith("cuda") else "fp32"
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -56,7 +73,7 @@ class Method(lora.Method):
 
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=self.cfg.quant_type,
+            bnb_4bit_quant_type=getattr(self.cfg.quant_type, "value", self.cfg.quant_type),
             bnb_4bit_use_double_quant=self.cfg.double_quant,
             bnb_4bit_compute_dtype=self.compute_dtype(device),
             llm_int8_skip_modules=list(self.model_cfg.keep_unquantised) or None,
@@ -87,12 +104,13 @@ class Method(lora.Method):
             unpack_cpu_weights(self._model)
 
     def optimizer_class(self, device: str) -> tuple[Any, str]:
+        name = getattr(self.cfg.paged_optimizer, "value", self.cfg.paged_optimizer)
         if device.startswith("cuda"):
             import bitsandbytes as bnb
 
             cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
-            return cls[self.cfg.paged_optimizer], self.cfg.paged_optimizer
-        log.warning(f"QLoRA on CPU: {self.cfg.paged_optimizer} needs CUDA (paged memory); using torch.optim.AdamW")
+            return cls[name], name
+        log.warning(f"QLoRA on CPU: {name} needs CUDA (paged memory); using torch.optim.AdamW")
         return super().optimizer_class(device)
 
     def metrics(self, model: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from peft_lab.errors import fail
 from peft_lab.methods import lora
+from peft_lab.schemas import Choice
 
 log = logging.getLogger(__name__)
 NAME = "sparse"
@@ -30,12 +31,29 @@ SPARSE_FILE = "sparse_adapter.safetensors"
 DENSE_FILE = "adapter_model.safetensors"
 
 
+class Criterion(Choice):
+    """``method.criterion``: which LoRA weights are pruned."""
+
+    magnitude = "magnitude"  # the smallest |w| per matrix
+    topk = "topk"  # keep the k largest |w| per row
+    l1 = "l1"  # L1 penalty on the factors, then magnitude thresholding
+
+
+class Schedule(Choice):
+    """``method.schedule``: when the sparsity is reached."""
+
+    oneshot = "oneshot"  # prune once at prune_step, masks fixed after
+    gradual = "gradual"  # cubic ramp from start_step to end_step (Zhu & Gupta 2017)
+
+
 @dataclass
 class Config(lora.Config):
+    """Sparse LoRA's own keys; the LoRA keys and their defaults come from ``lora.Config``."""
+
     name: str = NAME
     sparsity: float = 0.5  # target fraction of zeros in every LoRA factor
-    criterion: str = "magnitude"  # magnitude | topk | l1
-    schedule: str = "gradual"  # oneshot | gradual
+    criterion: Criterion = Criterion.magnitude
+    schedule: Schedule = Schedule.gradual
     prune_step: int = -1  # oneshot: the step that prunes; -1: half-way
     start_step: int = -1  # gradual: ramp start; -1: 10 % of the steps
     end_step: int = -1  # gradual: ramp end (target reached); -1: 60 % of the steps
@@ -131,8 +149,8 @@ class Method(lora.Method):
             "sparsity_target": self.cfg.sparsity,
             "sparsity_reached_target": self.current,
             "sparsity_achieved": zeros / total if total else 0.0,
-            "sparsity_criterion": self.cfg.criterion,
-            "sparsity_schedule": self.cfg.schedule,
+            "sparsity_criterion": getattr(self.cfg.criterion, "value", self.cfg.criterion),
+            "sparsity_schedule": getattr(self.cfg.schedule, "value", self.cfg.schedule),
         }
 
     def state_dict(self) -> dict[str, Any]:

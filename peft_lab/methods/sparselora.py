@@ -39,6 +39,8 @@ NAME = "sparselora"
 
 @dataclass
 class Config(lora.Config):
+    """SparseLoRA's own keys; the LoRA keys and their defaults come from ``lora.Config``."""
+
     name: str = NAME
     mlp_sparsity: float = 0.5  # fraction of MLP intermediate channels skipped in sparse layers
     attn_sparsity: float = 0.0  # fraction of Q/K and V/O channels skipped in sparse layers (see the yaml)
@@ -57,6 +59,8 @@ class Method(lora.Method):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.controller = Controller()
+        self.layer_counts: Optional[tuple[int, int]] = None  # (sparse layers, all layers), set by adapt
+        self.warnings: list[str] = []
 
     def validate(self) -> None:
         super().validate()
@@ -93,14 +97,36 @@ class Method(lora.Method):
             f"{self.cfg.dense_last_layers} last; MLP sparsity {self.cfg.mlp_sparsity}, "
             f"attention {self.cfg.attn_sparsity}"
         )
+        self._check_sparse_layers(n)
         return model
+
+    def _check_sparse_layers(self, n: int) -> None:
+        """Record how many layers run sparse; warn when the dense-layer settings leave none."""
+        first, last = self.cfg.dense_first_layers, self.cfg.dense_last_layers
+        sparse = sum(1 for i in range(n) if not (i < first or i >= n - last))
+        self.layer_counts, self.warnings = (sparse, n), []
+        if sparse == 0:
+            msg = (
+                f"SparseLoRA has no sparse layer: method.dense_first_layers={first} + "
+                f"method.dense_last_layers={last} cover all {n} layers of model '{self.model_cfg.name}', "
+                f"so it runs as plain dense LoRA. Fix: lower them so that dense_first_layers + "
+                f"dense_last_layers < {n} (e.g. method.dense_first_layers=0 method.dense_last_layers=0)"
+            )
+            log.warning(msg)
+            self.warnings.append(msg)
 
     def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
         active = (training or self.cfg.sparse_eval) and step >= int(self.cfg.warmup_frac * total)
         self.controller.begin(batch, self.task, active, self.cfg.dense_output_tokens, count=training)
 
     def metrics(self, model: Any) -> dict[str, Any]:
-        return self.controller.report()
+        """FLOP shares skipped (fractions 0..1); after ``adapt`` also the sparse / total layer counts
+        and ``sparselora_warnings`` (a list of messages, empty when none)."""
+        out = self.controller.report()
+        if self.layer_counts is not None:
+            out["sparselora_sparse_layers"], out["sparselora_layers"] = self.layer_counts
+            out["sparselora_warnings"] = list(self.warnings)
+        return out
 
 
 # ----------------------------------------------------------------------------- per-batch state

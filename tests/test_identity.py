@@ -1,0 +1,159 @@
+"""A number the report shows belongs to exactly one configuration: distinct cells never share a run dir,
+a changed config is never "already completed" nor resumed, a diverged run is failed, NaN is never ranked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from peft_lab import models, report, run, runfiles
+from peft_lab.errors import DivergedError, UserError
+from peft_lab.runfiles import Status
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache_dir, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(cache_dir))
+    monkeypatch.setenv("PEFT_LAB_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def _strict_json(path):
+    """Parse as RFC 8259 JSON: NaN / Infinity are errors."""
+
+    def reject(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+SMOKE = ("experiment=smoke", "logger=none", "method=lora", "dataset=sst2")
+
+
+# ----------------------------------------------------------------------------- case 1: run-dir names
+
+
+def test_run_dir_names_are_injective():
+    a, b = runfiles.cell_dir_name("dataset.data_dir=/d/x/y"), runfiles.cell_dir_name("dataset.data_dir=/d/x_y")
+    assert a != b and "/" not in a + b
+    long = "dataset.data_dir=/" + "p" * 300
+    s0, s1 = runfiles.cell_dir_name(f"{long},seed=0"), runfiles.cell_dir_name(f"{long},seed=1")
+    assert s0 != s1 and len(s0) <= runfiles.MAX_DIR_NAME and len(s1) <= runfiles.MAX_DIR_NAME
+    plain = "dataset=sst2,method=lora"
+    assert runfiles.cell_dir_name(plain) == plain  # readable names stay as they are
+    assert runfiles.cell_dir_name("") == "default"
+
+
+# End to end: tests/test_tracking.py's sweep (2 methods x 2 seeds over a data_dir whose override string
+# passes 200 characters: four run dirs, n=2 per method) and tests/test_sweep.py's two data folders.
+
+
+# ----------------------------------------------------------------------------- case 2: fingerprints
+
+
+def test_same_config_is_skipped_other_config_refused(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    ctx = run.RunContext(run_dir)
+    value = run.execute(compose(*SMOKE), ctx)
+    first = (run_dir / "metrics.json").read_text()
+    rec = runfiles.read_record(run_dir)
+    assert rec.status == Status.completed and rec.final_train_loss is not None and rec.tokens_per_s > 0
+
+    # the same config again: nothing runs, the completed record is untouched
+    assert run.execute(compose(*SMOKE), ctx) == value
+    assert (run_dir / "metrics.json").read_text() == first
+
+    # keys that change no number (logging, threads) are not part of the identity
+    assert run.execute(compose(*SMOKE, "train.log_every=1", "train.threads=2"), ctx) == value
+
+    # another config into the same folder: refused, naming the differing key; nothing overwritten
+    with pytest.raises(UserError, match=r"method\.lr: 0\.0005 -> 0\.001"):
+        run.execute(compose(*SMOKE, "method.lr=1e-3"), ctx)
+    assert (run_dir / "metrics.json").read_text() == first
+
+
+def test_checkpoint_of_another_config_is_never_resumed(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    ctx = run.RunContext(run_dir)
+    run.execute(compose(*SMOKE), ctx)
+    rec = runfiles.read_record(run_dir)
+    rec.status = Status.interrupted  # as if preempted after its last checkpoint
+    rec.save(run_dir)
+    with pytest.raises(UserError, match=r"a run and its checkpoint of a different config \(train\.max_steps: 6 -> 8"):
+        run.execute(compose(*SMOKE, "train.max_steps=8"), ctx)
+    # the same config resumes from the checkpoint (step 6 of 6: nothing left to train)
+    run.execute(compose(*SMOKE), ctx)
+    rec = runfiles.read_record(run_dir)
+    assert rec.status == Status.completed and rec.resumed_from_step == 6
+
+
+def test_record_without_fingerprint_is_a_conflict(compose, tmp_path):
+    """A completed metrics.json written by an older peft_lab (no fingerprint) is not trusted as this config."""
+    run_dir = tmp_path / "run"
+    runfiles.write_json_atomic(run_dir / "metrics.json", {"status": "completed", "main_metric_value": 0.9})
+    with pytest.raises(UserError, match="no fingerprint"):
+        run.execute(compose(*SMOKE), run.RunContext(run_dir))
+
+
+def test_experiment_preset_is_part_of_the_cell_identity():
+    from conftest import CONF
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF / "config.yaml")
+    assert "experiment" not in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+# ----------------------------------------------------------------------------- case 3: divergence
+
+
+def test_nan_loss_fails_the_run_with_strict_json(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose(*SMOKE, "train.precision=fp16", "method.lr=1e12", "train.max_grad_norm=0")
+    with pytest.raises(DivergedError) as err:
+        run.execute(cfg, run.RunContext(run_dir))
+    rec = _strict_json(run_dir / "metrics.json")
+    assert rec["status"] == "failed" and rec["failure"] == "diverged"
+    assert rec["diverged_at_step"] == err.value.step >= 1
+    assert rec["main_metric_value"] is None and not (run_dir / "adapter").exists()
+
+
+def test_report_never_ranks_a_non_finite_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name, value in (("a", 0.6), ("b", float("nan")), ("c", float("inf"))):
+        d = sweep / name
+        d.mkdir(parents=True)
+        rec = {"status": "completed", "method": name, "dataset": "sst2", "main_metric": "accuracy",
+               "main_metric_value": value, "config": {"method": {"name": name}}}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(rec))  # Python writes a bare NaN / Infinity here
+    rows, _, cells = report.aggregate(report.load_runs(sweep))
+    assert cells[("a", "sst2")].vs_best == "best"
+    for bad in ("b", "c"):
+        assert cells[(bad, "sst2")].status == "failed" and cells[(bad, "sst2")].n == 0
+        assert math.isnan(cells[(bad, "sst2")].mean)
+    paths = report.build(sweep, quiet=True)
+    md = paths["markdown"].read_text()
+    assert "**0.600**" in md and "nan" not in md.lower().replace("n=", "")
+
+
+def test_strict_json_writer():
+    text = runfiles.to_json({"a": float("nan"), "b": [float("inf"), 1.5], "s": Status.failed})
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "s": "failed"}
+
+
+# ----------------------------------------------------------------------------- case 11: devices
+
+
+def test_local_cells_get_one_device_each(monkeypatch, caplog):
+    from peft_lab import sweep
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    slots, _ = sweep.device_slots(2)
+    assert slots == ["3", "5"]
+    with caplog.at_level("WARNING"):
+        slots, _ = sweep.device_slots(4)
+    assert slots == ["3", "5"] and "only 2 CUDA device(s)" in caplog.text
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.device_slots(2)[0] == [None, None]  # no GPU: the environment is left alone
