@@ -157,3 +157,23 @@ def test_local_cells_get_one_device_each(monkeypatch, caplog):
     assert slots == ["3", "5"] and "only 2 CUDA device(s)" in caplog.text
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert sweep.device_slots(2)[0] == [None, None]  # no GPU: the environment is left alone
+
+
+# ----------------------------------------------------------------------------- case 10: precision
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (("train.precision=bf16",), ("bf16", "float32", "bfloat16", False)),
+        (("train.precision=fp16",), ("fp16", "float32", "float16", True)),
+        (("method=qlora",), ("fp32", "4bit-nf4", "float32", False)),
+    ],
+)
+def test_precision_is_recorded_as_it_ran(extra, expected, compose, tmp_path):
+    """metrics.json says the dtype of the frozen base weights and the dtype the matmuls ran in (autocast),
+    and whether fp16's gradient scaler was on: not the fp32 of the weights for a bf16-autocast run."""
+    run.execute(compose(*SMOKE, "train.max_steps=2", *extra), run.RunContext(tmp_path / "run"))
+    rec = runfiles.read_record(tmp_path / "run")
+    assert rec.status == Status.completed and math.isfinite(rec.final_train_loss)
+    assert (rec.precision, rec.weight_dtype, rec.compute_dtype, rec.grad_scaler) == expected

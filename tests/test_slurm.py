@@ -154,11 +154,12 @@ def test_failing_cell_leaves_the_other_completed_and_is_named(tmp_path, cli_env)
         timeout=400,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
-    bad_name, good_name = "dataset.max_train_samples=0,dataset=sst2", "dataset.max_train_samples=16,dataset=sst2"
+    bad_name = "dataset.max_train_samples=0,dataset=sst2,experiment=smoke"
+    good_name = "dataset.max_train_samples=16,dataset=sst2,experiment=smoke"
     assert read_metrics(sweep / good_name)["status"] == "completed"
     bad = read_metrics(sweep / bad_name)
     assert bad["status"] == "failed" and "max_train_samples=0" in bad["error"]
-    assert "1 of 2 cells failed" in proc.stderr
+    assert "1 of 2 cells did not complete" in proc.stderr
     line = next(ln for ln in proc.stderr.splitlines() if ln.strip().startswith(bad_name))
     log = Path(line.split("log: ")[-1].strip())
     assert log.parent.parent == sweep / ".submitit" and log.name.endswith("_log.err"), line
