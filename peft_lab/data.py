@@ -57,7 +57,7 @@ def check_config(ds: Any) -> None:
         raise fail(f"dataset.num_labels={ds.num_labels}", "a classifier needs num_labels >= 2")
     if ds.source == "synthetic" and ds.data_dir:
         raise fail(
-            f"dataset.data_dir='{ds.data_dir}' is set but dataset.source=synthetic (experiment=smoke sets it) "
+            f"dataset.data_dir='{ds.data_dir}' is set but dataset.source=synthetic (set by you, or by experiment=smoke) "
             "makes toy data in-process, so the folder would be ignored",
             "drop dataset.data_dir to run on synthetic data, or add dataset.source=local (or auto) "
             "to train on the folder (it overrides the experiment preset)",

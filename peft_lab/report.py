@@ -208,13 +208,22 @@ def _label_rows(runs: list[Run]) -> None:
             k for k in keys if len({json.dumps(v.get(k, missing), default=str, sort_keys=True) for v in vs}) > 1
         )
     for r, v in zip(runs, variants):
-        keys = sorted(varying.get(r.method, ()))
+        keys = sorted(varying.get(r.method, ()), key=_label_priority)
+        shown = [k for k in keys if not ("model.name" in keys and k.startswith("model.") and k != "model.name")]
         parts = [f"{k}={json.dumps(v[k], default=str) if not isinstance(v.get(k), str) else v[k]}" if k in v
-                 else f"{k}=(unset)" for k in keys]  # fmt: skip
-        if len(parts) > 3:
+                 else f"{k}=(unset)" for k in shown]  # fmt: skip
+        if len(parts) > 4 or len(shown) < len(keys):  # the hash tells apart what the label leaves out
             digest = rf.fingerprint({k: v.get(k) for k in keys})[:6]
-            parts = parts[:3] + [f"+{len(parts) - 3} more #{digest}"]
+            parts = parts[:4] + [f"+{len(keys) - min(4, len(parts))} more #{digest}"]
         r.row = r.method + (f" [{', '.join(parts)}]" if parts else "")
+
+
+def _label_priority(key: str) -> tuple:
+    """The keys a reader looks for first: the model, the method's settings, training, then data and the rest."""
+    for rank, prefix in enumerate(("model.name", "method.", "train.", "dataset.", "seed", "model.")):
+        if key.startswith(prefix):
+            return rank, key
+    return 9, key
 
 
 def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:

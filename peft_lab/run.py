@@ -87,6 +87,8 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
     """
     comp = rf.computation_config(cfg)
     decision = rf.check_reusable(ctx.run_dir, comp)
+    if decision.action in (rf.Reuse.conflict, rf.Reuse.skip):
+        rf.restore_hydra_files(ctx.run_dir)  # .hydra/ keeps describing the run that is there
     if decision.action == rf.Reuse.conflict:
         raise fail(
             decision.conflict_message(ctx.run_dir),
@@ -103,6 +105,7 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
     if not cfg.train.resume and rf.has_checkpoint(ctx.run_dir):
         log.info("train.resume=false: discarding the checkpoint in this run dir; starting from step 0")
         shutil.rmtree(rf.checkpoint_dir(ctx.run_dir))
+    rf.keep_hydra_files(ctx.run_dir)
     t0 = time.perf_counter()
     record = rf.RunRecord(
         status=rf.Status.running,
@@ -122,7 +125,8 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
     record.save(ctx.run_dir)
     tracker_box: dict = {}
     try:
-        value = _pipeline(cfg, ctx, record, tracker_box, t0)
+        with _sigterm_interrupts():
+            value = _pipeline(cfg, ctx, record, tracker_box, t0)
     except BaseException as err:
         interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
         record.end(rf.Status.interrupted if interrupted else rf.Status.failed, err)
@@ -145,6 +149,28 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
     return value
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (``kill``, a launcher stopping its cells) ends the run like Ctrl-C: the record says
+    ``interrupted`` and the process exits with 143. Only where nobody else handles SIGTERM: under SLURM,
+    submitit's own handlers decide (preemption and timeouts requeue the task)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _finish_tracker(box: dict, record: rf.RunRecord, failed: bool) -> None:
     tracker = box.get("tracker")
     if tracker is None:
@@ -161,10 +187,11 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     # --- start-up checks: no heavy imports yet
     data_mod.check_config(ds)
     models.check_config(mc)
+    check_device_name(str(cfg.train.device))
     task = models.resolve_task(mc, str(getattr(ds.task, "value", ds.task)))
     method = get_method_class(cfg.method.name)(cfg.method, mc, task)
     method.validate()
-    record.task = task
+    record.task, record.main_metric = task, _main_metric(ds, task)
 
     # --- data next (validated before torch and the model load: bad data fails in a second or two)
     raw_train, train_src = data_mod.load_validated(ds, ds.train_split)
@@ -321,9 +348,18 @@ def _main_metric(ds: Any, task: str) -> str:
     return "perplexity" if task == "causal_lm" else "mlm_perplexity"
 
 
+def check_device_name(requested: str) -> None:
+    """``train.device`` is open (``cuda:3``), but not free text: a UserError for anything else."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", requested):
+        raise fail(f"train.device={requested} is not a device", "use auto, cpu, cuda, cuda:<index> or mps")
+
+
 def _device(requested: str) -> str:
     import torch
 
+    check_device_name(requested)
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise fail("train.device=cuda but no CUDA device is visible", "use train.device=auto or cpu")

@@ -50,6 +50,8 @@ CHECKPOINT_STATE = "state.json"  # inside checkpoint/: the data position (step, 
 ADAPTER_DIR = "adapter"
 TRAIN_LOG = "train.log"
 WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+HYDRA_DIR = ".hydra"  # Hydra's config.yaml / overrides.yaml / hydra.yaml of the latest launch
+HYDRA_RECORDED = "recorded"  # .hydra/recorded/: the same files as of the run the record belongs to
 
 CELLS_DIR = ".cells"
 MANIFEST_FILE = "manifest.json"
@@ -76,6 +78,30 @@ def cell_result(sweep_dir: Path, idx: int) -> Path:
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
+
+
+def keep_hydra_files(run_dir: Path) -> None:
+    """Copy Hydra's files of this launch to ``.hydra/recorded/``: the config of the run the record describes."""
+    import shutil
+
+    src = Path(run_dir) / HYDRA_DIR
+    if src.is_dir():
+        dst = src / HYDRA_RECORDED
+        dst.mkdir(exist_ok=True)
+        for f in src.glob("*.yaml"):
+            shutil.copy2(f, dst / f.name)
+
+
+def restore_hydra_files(run_dir: Path) -> bool:
+    """Hydra rewrites ``.hydra/`` before a run can refuse or skip: put back the files of the recorded run."""
+    import shutil
+
+    kept = Path(run_dir) / HYDRA_DIR / HYDRA_RECORDED
+    if not kept.is_dir():
+        return False
+    for f in kept.glob("*.yaml"):
+        shutil.copy2(f, Path(run_dir) / HYDRA_DIR / f.name)
+    return True
 
 
 def has_checkpoint(run_dir: Path) -> bool:

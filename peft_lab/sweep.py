@@ -172,8 +172,9 @@ def write_report(sweep_dir: Path) -> None:
         log.warning(f"report failed ({type(err).__name__}: {err}); run python -m peft_lab.report {sweep_dir}")
 
 
-def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
-    """Summary files + table; exit 1 naming each failed or interrupted cell and its log; else Hydra's JobReturns."""
+def finish_sweep(sweep_dir: Path, cells: list, launcher: str, stopped: bool = False) -> list:
+    """Summary files + table; exit 1 naming each cell that did not complete and its log (130 when the
+    launcher was stopped by Ctrl-C or SIGTERM); else Hydra's JobReturns."""
     from hydra.core.utils import JobReturn, JobStatus
 
     write_manifest(sweep_dir, cells, launcher, finished=True)
@@ -185,9 +186,10 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str) -> list:
         lines = [f"{len(bad)} of {len(cells)} cells did not complete:"]
         for c in bad:
             lines.append(f"  {c.name}: {c.status.value}: {c.error or 'see log'}  log: {c.log_path or '-'}")
-        lines.append(f"Re-run the same command with hydra.sweep.dir={sweep_dir} to run only these again.")
+        again = "resume the interrupted ones and run the rest" if stopped else "run only these again"
+        lines.append(f"Re-run the same command with hydra.sweep.dir={sweep_dir} to {again}.")
         print("\n".join(lines), file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(130 if stopped else 1)
 
     returns = []
     for c in cells:
@@ -262,8 +264,8 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     state_path.write_bytes(cloudpickle.dumps(state))
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    _run_cells(pending, state_path, sweep_dir, slots, threads)
-    return finish_sweep(sweep_dir, cells, "local")
+    finished = _run_cells(pending, state_path, sweep_dir, slots, threads)
+    return finish_sweep(sweep_dir, cells, "local", stopped=not finished)
 
 
 def can_fork_cells(slots: list) -> bool:
@@ -279,10 +281,13 @@ def can_fork_cells(slots: list) -> bool:
 
 
 class _Forked:
-    """A cell forked by the fork server, with the Popen calls the loop needs."""
+    """A cell forked by the fork server, with the Popen calls the loop needs. Only the launcher's loop
+    polls it (``multiprocessing`` reads a child's exit status from one pipe: a second reader would
+    see EOF and report exit code 255 for a cell that completed)."""
 
     def __init__(self, process: Any) -> None:
         self.process = process
+        self.pid = process.pid
 
     def poll(self) -> Optional[int]:
         return self.process.exitcode
@@ -291,13 +296,25 @@ class _Forked:
     def returncode(self) -> Optional[int]:
         return self.process.exitcode
 
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
 
-def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list, threads: int) -> None:
+
+class _Stop(Exception):
+    """The launcher got SIGTERM."""
+
+
+def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list, threads: int) -> bool:
     """Run ``cells`` as processes, ``len(slots)`` at a time; each running cell holds one slot (a CUDA device or None).
 
     Each cell is its own process either way: a fresh ``python -m peft_lab.cell`` (GPU machines), or a
     process forked from a fork server that imported the heavy libraries once (``can_fork_cells``).
+    Returns False when the launcher was stopped (Ctrl-C or SIGTERM): the running cells are then asked
+    to stop (SIGTERM: they record ``interrupted`` and resume when the sweep runs again), waited for and
+    collected; cells not started stay ``pending``.
     """
+    import signal
+
     thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PEFT_LAB_THREADS": str(threads)}
     base_env = dict(os.environ, **thread_env)
     fork = can_fork_cells(slots)
@@ -309,56 +326,94 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
         mp.set_forkserver_preload(["peft_lab.preload"])
     queue, free = list(cells), list(slots)
     echo = len(slots) == 1
-    running: list[tuple[Cell, Any, threading.Thread, float, Any]] = []
-    while queue or running:
-        while queue and free:
-            cell, slot = queue.pop(0), free.pop(0)
-            env = dict(base_env)
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot
-                cell.device = slot
-            cell.log_path = rf.cell_log(sweep_dir, cell.idx)
-            where = f" on CUDA device {slot}" if slot is not None else ""
-            log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}{where}")
-            argv = [str(state_path), str(cell.idx), *cell.overrides]
-            if fork:
-                from peft_lab import cell as cell_mod
+    running: list[tuple[Cell, Any, threading.Thread, float, Any, threading.Event]] = []
 
-                cell.log_path.write_bytes(b"")
-                process = mp.Process(target=cell_mod.forked, args=(argv, str(cell.log_path), thread_env))
-                process.start()
-                proc: Any = _Forked(process)
-                pump = threading.Thread(target=_tail, args=(process, cell.log_path, echo), daemon=True)
-            else:
-                cmd = [sys.executable, "-m", "peft_lab.cell", *argv]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-                pump = threading.Thread(target=_pump, args=(proc, cell.log_path, echo), daemon=True)
-            pump.start()
-            running.append((cell, proc, pump, time.monotonic(), slot))
-        time.sleep(0.2)
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+
+    def reap() -> None:
         for item in list(running):
-            cell, proc, pump, start, slot = item
+            cell, proc, pump, start, slot, done = item
             if proc.poll() is None:
                 continue
+            done.set()
             pump.join()
             running.remove(item)
             free.append(slot)
             cell.wall_s = time.monotonic() - start
             _collect(cell, proc.returncode, sweep_dir)
 
+    try:
+        while queue or running:
+            while queue and free:
+                cell, slot = queue.pop(0), free.pop(0)
+                env = dict(base_env)
+                if slot is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = slot
+                    cell.device = slot
+                cell.log_path = rf.cell_log(sweep_dir, cell.idx)
+                where = f" on CUDA device {slot}" if slot is not None else ""
+                log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}{where}")
+                argv = [str(state_path), str(cell.idx), *cell.overrides]
+                done = threading.Event()
+                if fork:
+                    from peft_lab import cell as cell_mod
 
-def _tail(process: Any, log_path: Path, echo: bool) -> None:
-    """Echo a forked cell's log to this terminal as it grows (one cell at a time), until it ends."""
+                    cell.log_path.write_bytes(b"")
+                    process = mp.Process(target=cell_mod.forked, args=(argv, str(cell.log_path), thread_env))
+                    process.start()
+                    proc: Any = _Forked(process)
+                    pump = threading.Thread(target=_tail, args=(done, cell.log_path, echo), daemon=True)
+                else:
+                    cmd = [sys.executable, "-m", "peft_lab.cell", *argv]
+                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+                    pump = threading.Thread(target=_pump, args=(proc, cell.log_path, echo), daemon=True)
+                pump.start()
+                running.append((cell, proc, pump, time.monotonic(), slot, done))
+            time.sleep(0.2)
+            reap()
+        return True
+    except (KeyboardInterrupt, _Stop) as stop:
+        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        log.warning(f"{how}: stopping {len(running)} running cell(s); {len(queue)} not started stay pending")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        deadline = time.monotonic() + 60
+        if isinstance(stop, KeyboardInterrupt):
+            time.sleep(1.0)  # on Ctrl-C the cells got SIGINT from the terminal too: let them record it first
+        for _cell, proc, *_ in running:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+        while running and time.monotonic() < deadline:
+            time.sleep(0.2)
+            reap()
+        for _cell, proc, *_ in running:  # did not stop within a minute
+            proc.send_signal(signal.SIGKILL)
+        time.sleep(0.5)
+        reap()
+        return False
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _tail(done: threading.Event, log_path: Path, echo: bool) -> None:
+    """Echo a forked cell's log to this terminal as it grows (one cell at a time), until ``done``."""
     with open(log_path, "rb") as f:
         while True:
-            alive = process.is_alive()
+            finished = done.is_set()
             chunk = f.read()
             if chunk and echo:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-            if not alive:
+            if finished:
                 return
-            time.sleep(0.2)
+            done.wait(0.2)
 
 
 def _pump(proc: subprocess.Popen, log_path: Path, echo: bool) -> None:

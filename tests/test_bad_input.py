@@ -94,6 +94,8 @@ def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
         )
     if name == "sparselora_on_an_encoder":
         return [f"dataset.data_dir={sst2_dir}", "model=tiny-distilbert", "method=sparselora"], "is an encoder"
+    if name == "device_not_a_device":
+        return [f"dataset.data_dir={sst2_dir}", "train.device=gpu"], "train.device=gpu is not a device"
     if name == "hub_offline_no_local_copy":
         return [], "Hugging Face Hub is unreachable"
     raise KeyError(name)
@@ -118,6 +120,7 @@ DATA_CASES = [
     "hub_offline_no_local_copy",
     "model_offline_not_cached",
     "sparselora_on_an_encoder",
+    "device_not_a_device",
 ]
 
 

@@ -56,6 +56,8 @@ def test_run_dir_names_are_injective():
 
 def test_same_config_is_skipped_other_config_refused(compose, tmp_path):
     run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("the run's own config\n")  # as Hydra writes it
     ctx = run.RunContext(run_dir)
     value = run.execute(compose(*SMOKE), ctx)
     first = (run_dir / "metrics.json").read_text()
@@ -69,10 +71,14 @@ def test_same_config_is_skipped_other_config_refused(compose, tmp_path):
     # keys that change no number (logging, threads) are not part of the identity
     assert run.execute(compose(*SMOKE, "train.log_every=1", "train.threads=2"), ctx) == value
 
-    # another config into the same folder: refused, naming the differing key; nothing overwritten
+    # another config into the same folder: refused, naming the differing key; nothing overwritten, and
+    # .hydra/ (which Hydra rewrites for every launch, before the run can refuse) is put back as it was
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    hydra_cfg.write_text("method:\n  lr: 0.001\n")  # what Hydra writes for the refused launch
     with pytest.raises(UserError, match=r"method\.lr: 0\.0005 -> 0\.001"):
         run.execute(compose(*SMOKE, "method.lr=1e-3"), ctx)
     assert (run_dir / "metrics.json").read_text() == first
+    assert hydra_cfg.read_text() == "the run's own config\n"
 
 
 def test_checkpoint_of_another_config_is_never_resumed(compose, tmp_path):
@@ -136,6 +142,33 @@ def test_report_never_ranks_a_non_finite_value(tmp_path):
     paths = report.build(sweep, quiet=True)
     md = paths["markdown"].read_text()
     assert "**0.600**" in md and "nan" not in md.lower().replace("n=", "")
+
+
+def test_report_rows_separate_configs_and_name_the_key(tmp_path):
+    """Runs of one method that computed different things are different rows, labelled by what differs;
+    seeds of one config share a row."""
+    sweep = tmp_path / "sweep"
+    base = {"method": {"name": "lora", "r": 8, "lr": 5e-4}, "model": {"name": "smollm2", "arch": None},
+            "dataset": {"name": "sst2"}, "train": {"max_steps": 100}}  # fmt: skip
+    variants = {
+        "a": ({}, 0, 0.8), "b": ({}, 1, 0.7), "c": ({"method": {"r": 16}}, 0, 0.9),
+        "d": ({"model": {"name": "tiny", "arch": "llama"}, "train": {"max_steps": 6}}, 0, 0.5),
+    }  # fmt: skip
+    for name, (change, seed, value) in variants.items():
+        cfg = json.loads(json.dumps(base))
+        for group, keys in change.items():
+            cfg[group].update(keys)
+        cfg["seed"] = seed
+        rec = runfiles.RunRecord(status=Status.completed, method="lora", dataset="sst2", seed=seed, config=cfg,
+                                 main_metric="accuracy", main_metric_value=value)  # fmt: skip
+        rec.save(sweep / name)
+    rows, _, cells = report.aggregate(report.load_runs(sweep))
+    by_row = {row: cells[(row, "sst2")] for row in rows}
+    assert sorted(a.n for a in by_row.values()) == [1, 1, 2]
+    labels = " | ".join(rows)
+    assert "method.r=16" in labels and "model.name=tiny" in labels and "train.max_steps=6" in labels
+    assert "model.arch" not in labels  # implied by model.name, left to the hash
+    assert len(set(rows)) == 3
 
 
 def test_strict_json_writer():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import read_metrics
 
 
+@pytest.mark.slow  # run by .ci/run; the default suite has the SIGTERM'd sweep below
 def test_local_run_killed_then_restarted_resumes(cli_env, tmp_path):
     """Kill a local run after its first checkpoint; the same command resumes from it, not from step 0,
     and continues the same W&B run (same id, history picking up after the checkpoint)."""
@@ -48,3 +50,50 @@ def test_local_run_killed_then_restarted_resumes(cli_env, tmp_path):
     assert last.id == run_id == m["wandb_run_id"] and last.summary["status"] == "completed"
     steps = [h["_step"] for h in last.history if "train/loss" in h]
     assert steps[0] == m["resumed_from_step"] + 20 and steps[-1] == 100
+
+
+def test_stopped_sweep_records_interrupted_and_resumes(cli_env, tmp_path):
+    """SIGTERM to a local sweep's launcher: the running cell is stopped and records `interrupted`, the cell
+    not started stays pending, the launcher writes its summary and exits 130; `status` says the same words;
+    the same command resumes the interrupted cell from its checkpoint and runs the other."""
+    import csv
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(REPO / "train.py"), "-m", "experiment=smoke", "logger=none", "seed=0,1",
+            "train.max_steps=200", "train.checkpoint_every=20", "train.log_every=20",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    errors = (tmp_path / "stderr.txt").open("w+")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+    names = {seed: f"experiment=smoke,seed={seed},train.checkpoint_every=20,train.max_steps=200" for seed in (0, 1)}
+    first = sweep / names[0]
+    deadline = time.monotonic() + 120
+    while not (first / "checkpoint" / "state.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (first / "checkpoint" / "state.json").exists(), "no checkpoint before the stop"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, err[-3000:]
+    rec = read_metrics(first)
+    assert rec["status"] == "interrupted" and rec["failure"] == "interrupted", rec
+    rows = {r["cell"]: r["status"] for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert rows == {names[0]: "interrupted", names[1]: "pending"}
+    assert "resume the interrupted ones" in err
+    status = subprocess.run([sys.executable, "-m", "peft_lab.status", str(sweep), "--json"], capture_output=True,
+                            text=True, env=cli_env, timeout=60)  # fmt: skip
+    states = {c["cell"]: c["state"] for c in json.loads(status.stdout)["cells"]}
+    assert states == {names[0]: "interrupted", names[1]: "pending"}
+    stopped_at = json.loads((first / "checkpoint" / "state.json").read_text())["step"]
+
+    again = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec = read_metrics(first)
+    assert rec["status"] == "completed" and rec["resumed_from_step"] == stopped_at > 0 and rec["steps"] == 200
+    assert read_metrics(sweep / names[1])["resumed_from_step"] == 0
