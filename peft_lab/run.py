@@ -73,7 +73,8 @@ def main(cfg: DictConfig) -> Optional[float]:
     except (UserError, DivergedError) as err:
         if ctx.multirun:
             raise
-        log.error(str(err))
+        if isinstance(err, UserError):  # execute already logged a divergence
+            log.error(str(err))
         print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(err, UserError) else 1)
 

@@ -120,6 +120,8 @@ def progress(run_dir: Optional[Path], rec: Optional[rf.RunRecord]) -> dict:
     out["checkpoint_step"] = rf.checkpoint_step(run_dir)
     prog = rf.read_progress(run_dir)
     out.update(step=prog.get("step"), total=prog.get("total"), resumed_from=prog.get("resumed_from") or None)
+    if rec is not None and rec.diverged_at_step is not None:
+        out["step"] = rec.diverged_at_step  # where the loss stopped being a number
     if out["step"] is None:
         out["step"] = out["checkpoint_step"]
     return out
@@ -317,10 +319,17 @@ def render(info: dict) -> str:
     lines.append("-|-".join("-" * widths[k] for k in cols))
     lines += [" | ".join(r[k].ljust(widths[k]) for k in cols).rstrip() for r in table_rows]
     if info["submitter_alive"] is False and not info["finished"]:
-        lines.append(
-            "The submitting process is gone; its tasks run on. Once none is pending or running, re-run the "
-            f"sweep command with hydra.sweep.dir={info['sweep_dir']} to write the summary (completed cells are skipped)."
-        )
+        if info["launcher"] == "slurm":
+            lines.append(
+                "The submitting process is gone; its tasks run on. Once none is pending or running, re-run the "
+                f"sweep command with hydra.sweep.dir={info['sweep_dir']} to write the summary (completed cells are "
+                "skipped)."
+            )
+        else:
+            lines.append(
+                "The launcher is gone and nothing runs these cells now. Re-run the sweep command with "
+                f"hydra.sweep.dir={info['sweep_dir']}: completed cells are skipped, interrupted ones resume."
+            )
     return "\n".join(lines)
 
 

@@ -81,7 +81,7 @@ def test_local_sweep_states_and_progress(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "6 cells: 1 pending, 2 running, 1 interrupted, 1 completed, 1 failed" in proc.stdout
     assert "34/60 (resumed from 30)" in proc.stdout and "0.7500" in proc.stdout
-    assert "The submitting process is gone" in proc.stdout
+    assert "The launcher is gone and nothing runs these cells now" in proc.stdout
 
     bad = subprocess.run(
         [sys.executable, "-m", "peft_lab.status", str(tmp_path / "nope")], capture_output=True, text=True
