@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
     from peft_lab.errors import DivergedError, UserError
 
     state_path, idx, overrides = Path(argv[0]), int(argv[1]), argv[2:]
+    watch_launcher()
     state = cloudpickle.loads(state_path.read_bytes())
     Singleton.set_state(state["singleton_state"])
     setup_globals()
@@ -32,13 +33,19 @@ def main(argv: list[str]) -> int:
     with open_dict(sweep_config.hydra.job) as job:
         job.id = f"local_{idx}"
         job.num = idx
-    ret = run_job(
-        hydra_context=hydra_context,
-        task_function=state["task_function"],
-        config=sweep_config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
+    try:
+        ret = run_job(
+            hydra_context=hydra_context,
+            task_function=state["task_function"],
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+    except (KeyboardInterrupt, SystemExit) as stop:  # a signal: the record already says interrupted
+        code = 130 if isinstance(stop, KeyboardInterrupt) else int(stop.code or 143)
+        print("peft_lab: interrupted (signal); re-run the sweep to resume this cell", file=sys.stderr, flush=True)
+        rf.write_json_atomic(rf.cell_result(state_path.parent.parent, idx), {"status": "interrupted"})
+        return code
     result = {"status": "completed" if ret.status == JobStatus.COMPLETED else "failed"}
     if ret.status != JobStatus.COMPLETED:
         err = ret._return_value
@@ -49,6 +56,39 @@ def main(argv: list[str]) -> int:
         result["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
     rf.write_json_atomic(rf.cell_result(state_path.parent.parent, idx), result)
     return 0 if result["status"] == "completed" else 1
+
+
+LAUNCHER_PID_ENV = "PEFT_LAB_LAUNCHER_PID"
+
+
+def watch_launcher(period_s: float = 1.0) -> None:
+    """Stop this cell (SIGTERM to itself: it records ``interrupted``) when its launcher is gone.
+
+    A launcher killed outright (``kill -9``, the OOM killer) must not leave cells training as orphans
+    that a re-run would then run a second time on the same run dir. The launcher's pid comes in
+    ``PEFT_LAB_LAUNCHER_PID``; a forked cell's parent is the fork server, which outlives the launcher
+    while it has children, so the parent alone cannot tell."""
+    import os
+    import signal
+    import threading
+    import time
+
+    pid = int(os.environ.get(LAUNCHER_PID_ENV) or 0)
+    if not pid:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="peft_lab-launcher-watch", daemon=True).start()
 
 
 def forked(argv: list[str], log_path: str, env: dict) -> None:

@@ -1,7 +1,7 @@
 """A sweep as a paper table and plots: ``python -m peft_lab.report <sweep dir>``.
 
 Reads every cell's metrics.json (and the sweep's manifest, so cells that never ran
-show as missing), aggregates seeds (mean ± sample std), and writes into
+show as pending), aggregates seeds (mean ± sample std), and writes into
 ``<sweep>/report/``:
 
 - ``report.md``: rows are methods, columns datasets; each cell holds the main metric,
@@ -124,7 +124,7 @@ def _mean(xs: list) -> Optional[float]:
 
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every cell of the sweep: those with a record (metrics.json), plus manifest cells that have none
-    (missing). A completed run whose main metric is not a finite number counts as failed: it is never
+    (pending). A completed run whose main metric is not a finite number counts as failed: it is never
     averaged or ranked."""
     sweep_dir = Path(sweep_dir)
     runs, seen = [], set()
@@ -164,7 +164,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         name = Path(c.get("run_dir") or "").name
         if name in seen or "method" not in c:
             continue
-        status = Status.failed if c.get("status") == Status.failed.value else Status.missing
+        status = Status.failed if c.get("status") == Status.failed.value else Status.pending
         runs.append(
             Run(
                 c["method"],
@@ -237,7 +237,7 @@ def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
             if not group:
                 continue
             done = [r for r in group if r.status == Status.completed and r.value is not None]
-            a = Agg(row, ds, Status.missing.value, n=len(done), n_expected=len(group))
+            a = Agg(row, ds, Status.pending.value, n=len(done), n_expected=len(group))
             a.metric = next((r.metric for r in group if r.metric), None)
             if done:
                 a.status = Status.completed.value if len(done) == len(group) else "partial"
@@ -249,7 +249,7 @@ def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
                 a.peak_memory_mib = _mean([r.peak_memory_mib for r in done])
                 a.wall_s = _mean([r.wall_s for r in done])
                 a.tokens_per_s = _mean([r.tokens_per_s for r in done])
-            else:  # the most telling status among the seeds: failed > interrupted > running > pending/missing
+            else:  # the most telling status among the seeds: failed > interrupted > running > requeued > pending
                 for st in (Status.failed, Status.interrupted, Status.running, Status.requeued, Status.pending):
                     if any(r.status == st for r in group):
                         a.status = st.value
@@ -324,6 +324,11 @@ def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "")
         lines.append(
             "**Bold**: best mean per dataset. ≈: not distinguishable from the best at 5 % (Welch's t-test over "
             "seeds); do not rank these. Cells with one seed are not tested."
+        )
+    elif max((a.n_expected for a in cells.values()), default=0) > 1:
+        lines.append(
+            "**Bold**: best mean per dataset. At most one seed per cell has completed: differences are untested "
+            "against seed noise until the other seeds finish (re-run the sweep)."
         )
     else:
         lines.append(

@@ -70,6 +70,13 @@ def main(cfg: DictConfig) -> Optional[float]:
     ctx = context_from_hydra()
     try:
         return execute(cfg, ctx)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if ctx.multirun or (isinstance(stop, SystemExit) and not isinstance(stop.code, int)):
+            raise
+        code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+        print(f"peft_lab: interrupted; run the same command again to resume ({ctx.run_dir})", file=sys.stderr,
+              flush=True)  # fmt: skip
+        sys.exit(code)
     except (UserError, DivergedError) as err:
         if ctx.multirun:
             raise
@@ -152,24 +159,28 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
 
 @contextlib.contextmanager
 def _sigterm_interrupts():
-    """SIGTERM (``kill``, a launcher stopping its cells) ends the run like Ctrl-C: the record says
-    ``interrupted`` and the process exits with 143. Only where nobody else handles SIGTERM: under SLURM,
-    submitit's own handlers decide (preemption and timeouts requeue the task)."""
+    """SIGTERM (``kill``, a launcher stopping its cells) and SIGHUP (a closed terminal) end the run like
+    Ctrl-C: the record says ``interrupted`` and the process exits with 128 + the signal. Only where
+    nobody else handles the signal: under SLURM, submitit's own handlers decide (preemption and
+    timeouts requeue the task)."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    mine = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) == signal.SIG_DFL]
 
     def on_term(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in mine:
+        signal.signal(sig, on_term)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in mine:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _finish_tracker(box: dict, record: rf.RunRecord, failed: bool) -> None:

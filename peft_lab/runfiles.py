@@ -115,9 +115,9 @@ class Status(str, Enum):
     """The one status vocabulary of runs, cells and report entries.
 
     A run's record is ``running``, then ``completed``, ``failed`` (an error, a diverged loss)
-    or ``interrupted`` (a signal: preemption, timeout, Ctrl-C; it resumes from its checkpoint
-    when run again). A sweep cell is additionally ``pending`` (not started), ``requeued``
-    (SLURM: waiting to run again) or ``missing`` (in the manifest, never wrote a record).
+    or ``interrupted`` (a signal: preemption, timeout, Ctrl-C, a closed terminal; it resumes from
+    its checkpoint when run again). A sweep cell is additionally ``pending`` (not started, or in the
+    manifest without a record) or ``requeued`` (SLURM: waiting to run again).
     """
 
     pending = "pending"
@@ -126,7 +126,6 @@ class Status(str, Enum):
     interrupted = "interrupted"
     completed = "completed"
     failed = "failed"
-    missing = "missing"
 
     def __str__(self) -> str:
         return self.value
@@ -304,6 +303,36 @@ def read_record(run_dir: Path) -> Optional[RunRecord]:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def pid_alive(pid: Optional[int], host: Optional[str], since: Optional[str] = None) -> Optional[bool]:
+    """Is the process a record names still running? None when it cannot be told (another host).
+
+    ``since``: the record's ``started_at``; a live process that started after it is another process
+    that got the same pid, so it does not count.
+    """
+    import socket
+
+    if not pid or (host and host != socket.gethostname()):
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        fields_ = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields_[0] == "Z":  # a zombie is not alive
+            return False
+        if since:
+            uptime = float(Path("/proc/uptime").read_text().split()[0])
+            started = time.time() - uptime + int(fields_[19]) / os.sysconf("SC_CLK_TCK")
+            if started > time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S")) + 2:
+                return False
+    except (OSError, IndexError, ValueError):
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------- progress

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -144,22 +142,6 @@ def _ran_since(run_dir: Path, rec: Optional[rf.RunRecord], submitted_at: Optiona
         return False
 
 
-def _pid_alive(pid: Optional[int], host: Optional[str]) -> Optional[bool]:
-    """None when it cannot be told (another host)."""
-    if not pid or (host and host != socket.gethostname()):
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 # ----------------------------------------------------------------------------- cells
 
 
@@ -240,9 +222,12 @@ def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict]) -> dict
     if rstatus == Status.failed:
         row.update(state=Status.failed, note=error)
     elif rstatus == Status.interrupted:
-        row.update(state=Status.interrupted, note="re-run the sweep to resume from its checkpoint")
+        again = (
+            "resume from its checkpoint" if prog["checkpoint_step"] is not None else "run it again (no checkpoint yet)"
+        )
+        row.update(state=Status.interrupted, note=f"re-run the sweep to {again}")
     elif rstatus == Status.running:
-        alive = _pid_alive(rec.pid, rec.host or entry.get("host"))
+        alive = rf.pid_alive(rec.pid, rec.host or entry.get("host"), rec.started_at)
         if alive is False:
             row.update(state=Status.interrupted, note="its process is gone; re-run the sweep to resume")
         else:
@@ -260,7 +245,7 @@ def collect(sweep_dir: Path) -> dict:
     queue = squeue_states(array_ids)
     acct = sacct_states(array_ids)
     rows = [cell_state(e, queue, acct) for e in entries]
-    submitter = _pid_alive(manifest.get("launcher_pid"), manifest.get("host"))
+    submitter = rf.pid_alive(manifest.get("launcher_pid"), manifest.get("host"))
     for r in rows:
         r["state"] = Status(r["state"]).value  # plain words in the JSON output
     return {
@@ -270,10 +255,10 @@ def collect(sweep_dir: Path) -> dict:
         "submitter_pid": manifest.get("launcher_pid"),
         "submitter_alive": submitter,
         "finished": manifest.get("finished"),
-        "slurm_queue": queue is not None,
-        "slurm_accounting": acct is not None,
+        "slurm_queue": bool(array_ids) and queue is not None,
+        "slurm_accounting": bool(array_ids) and acct is not None,
         "cells": rows,
-        "counts": {s.value: sum(r["state"] == s.value for r in rows) for s in Status if s != Status.missing},
+        "counts": {s.value: sum(r["state"] == s.value for r in rows) for s in Status},
     }
 
 

@@ -58,7 +58,9 @@ class Cell:
         return self.run_dir.name if self.run_dir else " ".join(self.overrides)
 
 
-def prepare_cells(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list]:
+def prepare_cells(
+    launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, local: bool = True
+) -> tuple[Path, list]:
     """Each cell's run dir and config fingerprint, derived as Hydra's own launchers do (``load_sweep_config``
     + ``hydra.sweep.subdir``). A cell whose run dir holds a completed run of the same config is marked
     skipped. Exits 2 (nothing launched) when two cells would share a run dir or a run dir holds a run of
@@ -101,6 +103,16 @@ def prepare_cells(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
                 f"({' '.join(cell.overrides)}) map to the same run dir {cell.run_dir}"
             )
         decision = rf.check_reusable(cell.run_dir, comp)
+        rec = decision.record
+        live = local and rec is not None and rec.status == Status.running  # SLURM: _attach_live_tasks waits
+        if live and rf.pid_alive(rec.pid, rec.host, rec.started_at):
+            problems.append(
+                f"cell #{cell.idx}: {cell.run_dir} is being run right now by process {rec.pid} on this machine "
+                "(an earlier launch whose launcher died?): wait for it, or stop it (kill -TERM "
+                f"{rec.pid}: it records 'interrupted' and resumes here)"
+            )
+            cells.append(cell)
+            continue
         if decision.action == rf.Reuse.skip:
             cell.status, cell.skipped, cell.record = Status.completed, True, decision.record
         elif decision.action == rf.Reuse.conflict:
@@ -185,7 +197,9 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str, stopped: bool = Fa
     if bad:
         lines = [f"{len(bad)} of {len(cells)} cells did not complete:"]
         for c in bad:
-            lines.append(f"  {c.name}: {c.status.value}: {c.error or 'see log'}  log: {c.log_path or '-'}")
+            started = c.log_path is not None and Path(c.log_path).exists()
+            why = c.error or ("see log" if started else "not started")
+            lines.append(f"  {c.name}: {c.status.value}: {why}  log: {c.log_path if started else '-'}")
         again = "resume the interrupted ones and run the rest" if stopped else "run only these again"
         lines.append(f"Re-run the same command with hydra.sweep.dir={sweep_dir} to {again}.")
         print("\n".join(lines), file=sys.stderr, flush=True)
@@ -315,7 +329,8 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
     """
     import signal
 
-    thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PEFT_LAB_THREADS": str(threads)}
+    thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PEFT_LAB_THREADS": str(threads),
+                  "PEFT_LAB_LAUNCHER_PID": str(os.getpid())}  # fmt: skip
     base_env = dict(os.environ, **thread_env)
     fork = can_fork_cells(slots)
     if fork:
@@ -331,7 +346,10 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
     def on_term(signum: int, frame: Any) -> None:
         raise _Stop()
 
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    stop_signals = (signal.SIGTERM, signal.SIGHUP)  # kill, a closed terminal: stop cleanly as on Ctrl-C
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_term) for sig in stop_signals}
 
     def reap() -> None:
         for item in list(running):
@@ -376,10 +394,11 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
             reap()
         return True
     except (KeyboardInterrupt, _Stop) as stop:
-        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM/SIGHUP"
         log.warning(f"{how}: stopping {len(running)} running cell(s); {len(queue)} not started stay pending")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)
         deadline = time.monotonic() + 60
         if isinstance(stop, KeyboardInterrupt):
             time.sleep(1.0)  # on Ctrl-C the cells got SIGINT from the terminal too: let them record it first
@@ -398,8 +417,8 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
         reap()
         return False
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _tail(done: threading.Event, log_path: Path, echo: bool) -> None:
@@ -446,7 +465,7 @@ def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     """The cells still to run as ONE array job; wait for every task; never raise on a failed one."""
     from hydra.core.singleton import Singleton
 
-    sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
+    sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx, local=False)
     pending = [c for c in cells if c.status == Status.pending]
     params = launcher.params
     attached = _attach_live_tasks(sweep_dir, pending)

@@ -89,7 +89,7 @@ def test_report_table_has_exact_means_stds_and_noise_marks(known_sweep):
     assert hira["wikitext2/status"] == "partial" and int(hira["wikitext2/n"]) == 2
     assert float(hira["wikitext2/mean"]) == pytest.approx(29.25) and hira["wikitext2/vs_best"] == "best"
     assert lora["wikitext2/vs_best"] == "worse" and sparse["wikitext2/vs_best"] == "worse"
-    assert t["qlora"]["sst2/status"] == "missing" and t["qlora"]["sst2/n"] == "0"
+    assert t["qlora"]["sst2/status"] == "pending" and t["qlora"]["sst2/n"] == "0"
     assert float(lora["sst2/peak_memory_mib"]) == pytest.approx(800.0)
     assert float(lora["sst2/wall_s"]) == pytest.approx(101.0) and float(lora["sst2/trainable_pct"]) == 0.5
 
@@ -97,12 +97,12 @@ def test_report_table_has_exact_means_stds_and_noise_marks(known_sweep):
     assert "| method | sst2 (accuracy ↑) | wikitext2 (perplexity ↓) |" in md
     assert "| lora | ≈ 0.820 ± 0.020 (n=3)<br>0.50 % trainable · 800 MiB · 101 s | 34.00 ± 1.00 (n=3)" in md
     assert "**0.830 ± 0.020** (n=3)" in md and "**29.25 ± 0.35** (n=2 of 3)" in md
-    assert "| qlora | *missing* | – |" in md
+    assert "| qlora | *pending* | – |" in md
     assert "qlora × sst2: missing (0/1 seeds)" in md and "hira × wikitext2: partial (2/3 seeds)" in md
 
     runs = list(csv.DictReader(open(paths["runs_csv"])))
     assert len(runs) == len(KNOWN) + 1
-    assert {r["status"] for r in runs} == {"completed", "failed", "missing"}
+    assert {r["status"] for r in runs} == {"completed", "failed", "pending"}
 
 
 def test_single_seed_report_says_differences_are_untested(tmp_path):

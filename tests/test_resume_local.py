@@ -62,6 +62,7 @@ def test_stopped_sweep_records_interrupted_and_resumes(cli_env, tmp_path):
     import subprocess
     import sys
     import time
+    from pathlib import Path
 
     from conftest import REPO
 
@@ -90,6 +91,23 @@ def test_stopped_sweep_records_interrupted_and_resumes(cli_env, tmp_path):
                             text=True, env=cli_env, timeout=60)  # fmt: skip
     states = {c["cell"]: c["state"] for c in json.loads(status.stdout)["cells"]}
     assert states == {names[0]: "interrupted", names[1]: "pending"}
+    stopped_at = json.loads((first / "checkpoint" / "state.json").read_text())["step"]
+
+    # the launcher killed outright (kill -9, the OOM killer): its running cell must not train on as an
+    # orphan (a re-run would then run it twice at once): it gets SIGTERM and records `interrupted`
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and read_metrics(first).get("status") != "running":
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    while time.monotonic() < deadline and read_metrics(first).get("status") == "running":
+        time.sleep(0.2)
+    rec = read_metrics(first)
+    assert rec["status"] == "interrupted", rec
+    cell_pid = rec["pid"]
+    time.sleep(0.5)
+    assert not Path(f"/proc/{cell_pid}").exists() or "Z" in Path(f"/proc/{cell_pid}/stat").read_text().split()[2]
     stopped_at = json.loads((first / "checkpoint" / "state.json").read_text())["step"]
 
     again = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)

@@ -197,3 +197,23 @@ def test_encoder_reports_masked_lm_perplexity(compose, tmp_path, cache_dir, monk
     lm = by_ds["wikitext2"]
     assert lm["task"] == "masked_lm" and lm["main_metric"] == "mlm_perplexity"
     assert "perplexity" not in lm["eval"] and lm["eval"]["mlm_perplexity"] > 1
+
+
+def test_rerun_refuses_a_cell_that_is_running_now(smoke_sweep, cli_env):
+    """A cell still being run by a live process (an earlier launch whose launcher died) is not started a
+    second time on the same run dir."""
+    import os
+    import time
+
+    sweep, _ = smoke_sweep
+    path = next(p for p in sweep.glob("*/metrics.json") if "imdb" in p.parent.name)
+    original = path.read_text()
+    data = json.loads(original)
+    data.update(status="running", pid=os.getpid(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    path.write_text(json.dumps(data))
+    try:
+        proc = _smoke_grid(sweep, cli_env)
+    finally:
+        path.write_text(original)
+    assert proc.returncode == 2
+    assert f"is being run right now by process {os.getpid()}" in proc.stderr and "Nothing was launched" in proc.stderr
