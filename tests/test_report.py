@@ -98,7 +98,7 @@ def test_report_table_has_exact_means_stds_and_noise_marks(known_sweep):
     assert "| lora | ≈ 0.820 ± 0.020 (n=3)<br>0.50 % trainable · 800 MiB · 101 s | 34.00 ± 1.00 (n=3)" in md
     assert "**0.830 ± 0.020** (n=3)" in md and "**29.25 ± 0.35** (n=2 of 3)" in md
     assert "| qlora | *pending* | – |" in md
-    assert "qlora × sst2: missing (0/1 seeds)" in md and "hira × wikitext2: partial (2/3 seeds)" in md
+    assert "qlora × sst2: pending (0/1 seeds)" in md and "hira × wikitext2: partial (2/3 seeds)" in md
 
     runs = list(csv.DictReader(open(paths["runs_csv"])))
     assert len(runs) == len(KNOWN) + 1
