@@ -62,7 +62,6 @@ def test_stopped_sweep_records_interrupted_and_resumes(cli_env, tmp_path):
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     from conftest import REPO
 
@@ -93,11 +92,33 @@ def test_stopped_sweep_records_interrupted_and_resumes(cli_env, tmp_path):
     assert states == {names[0]: "interrupted", names[1]: "pending"}
     stopped_at = json.loads((first / "checkpoint" / "state.json").read_text())["step"]
 
-    # the launcher killed outright (kill -9, the OOM killer): its running cell must not train on as an
-    # orphan (a re-run would then run it twice at once): it gets SIGTERM and records `interrupted`
+    again = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec = read_metrics(first)
+    assert rec["status"] == "completed" and rec["resumed_from_step"] == stopped_at > 0 and rec["steps"] == 200
+    assert read_metrics(sweep / names[1])["resumed_from_step"] == 0
+
+
+@pytest.mark.slow  # run by .ci/run; test_a_cell_stops_when_its_launcher_is_gone checks the mechanism by default
+def test_launcher_killed_outright_stops_its_cell(cli_env, tmp_path):
+    """kill -9 of a local sweep's launcher (as the OOM killer does): the running cell must not train on as an
+    orphan that a re-run would duplicate; it notices, records `interrupted` and ends; a re-run resumes it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(REPO / "train.py"), "-m", "experiment=smoke", "logger=none", "train.max_steps=3000",
+            "train.checkpoint_every=20", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    first = sweep / "experiment=smoke,train.checkpoint_every=20,train.max_steps=3000"
     proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and read_metrics(first).get("status") != "running":
+    while time.monotonic() < deadline and not (first / "checkpoint" / "state.json").exists():
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -105,13 +126,35 @@ def test_stopped_sweep_records_interrupted_and_resumes(cli_env, tmp_path):
         time.sleep(0.2)
     rec = read_metrics(first)
     assert rec["status"] == "interrupted", rec
-    cell_pid = rec["pid"]
     time.sleep(0.5)
-    assert not Path(f"/proc/{cell_pid}").exists() or "Z" in Path(f"/proc/{cell_pid}/stat").read_text().split()[2]
+    stat = Path(f"/proc/{rec['pid']}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     stopped_at = json.loads((first / "checkpoint" / "state.json").read_text())["step"]
-
     again = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    rec = read_metrics(first)
-    assert rec["status"] == "completed" and rec["resumed_from_step"] == stopped_at > 0 and rec["steps"] == 200
-    assert read_metrics(sweep / names[1])["resumed_from_step"] == 0
+    assert read_metrics(first)["resumed_from_step"] == stopped_at > 0
+
+
+def test_a_cell_stops_when_its_launcher_is_gone(tmp_path):
+    """The mechanism behind it, without torch: a process running peft_lab.cell.watch_launcher gets SIGTERM
+    (which a run records as interrupted) within about a second of its launcher's death."""
+    import subprocess
+    import sys
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    marker = tmp_path / "stopped"
+    code = (
+        "import os, signal, sys, time\n"
+        "from peft_lab.cell import watch_launcher\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('x'), sys.exit(143)))\n"
+        "watch_launcher(0.1)\n"
+        "time.sleep(30)\n"
+    )
+    cell = subprocess.Popen([sys.executable, "-c", code], env={"PEFT_LAB_LAUNCHER_PID": str(launcher.pid),
+                                                                "PATH": "/usr/bin:/bin"})  # fmt: skip
+    time.sleep(1.0)
+    assert cell.poll() is None and not marker.exists()  # the launcher lives: the cell runs on
+    launcher.kill()
+    launcher.wait()
+    assert cell.wait(timeout=10) == 143 and marker.exists()

@@ -15,8 +15,9 @@ def _cells(sweep: Path) -> dict[str, dict]:
 
 
 def _smoke_grid(sweep: Path, env: dict):
-    """The README's smoke command, into a given sweep dir."""
-    args = ["-m", "method=lora", "dataset=sst2,imdb,wikitext2", "experiment=smoke", f"hydra.sweep.dir={sweep}"]
+    """The README's smoke command, into a given sweep dir, two cells at a time (the 2-core budget)."""
+    args = ["-m", "method=lora", "dataset=sst2,imdb,wikitext2", "experiment=smoke", f"hydra.sweep.dir={sweep}",
+            "cluster.parallel=2"]  # fmt: skip
     return train_cli(args, sweep.parent, env)
 
 
