@@ -1,16 +1,20 @@
 """Sweeps: each cell in its own process or SLURM array task, completed cells skipped, a summary at the end.
 
-``launch_local`` is what the ``cluster=local`` launcher runs. Every cell is a fresh
-``python -m peft_lab.cell`` process, so seeds, CUDA peak-memory counters and
-patched modules cannot leak from one cell to the next, and a crash (even a
-segfault or an out-of-memory kill) ends only that cell.
+``launch_local`` is what the ``cluster=local`` launcher runs. Every cell is a process of
+its own (forked from a fork server that imported the heavy libraries once on a machine
+without a GPU, else a fresh ``python -m peft_lab.cell``), so seeds, CUDA peak-memory
+counters and patched modules cannot leak from one cell to the next, and a crash (even a
+segfault or an out-of-memory kill) ends only that cell. Concurrent cells get one CUDA
+device each; stopping the launcher stops its cells cleanly (``interrupted``).
 
 ``launch_slurm`` is what ``cluster=slurm`` runs: the cells that still need to run go
 out as ONE array job (hydra-submitit-launcher's ``SlurmLauncher``), the submitting
 process waits for every task and never raises on a failed one. Both launchers share
-the rest: deterministic run dirs (``prepare_cells``), skipping completed cells, the
-manifest that ``python -m peft_lab.status`` reads, and the summary / failure report
-(``finish_sweep``).
+the rest: deterministic run dirs and the reuse rule (``prepare_cells``: a cell is skipped
+only when its run dir holds a completed run of the same config fingerprint, and a run dir
+of another config stops the sweep before anything is launched), the manifest that
+``python -m peft_lab.status`` reads, and the summary / failure report (``finish_sweep``).
+All file names and formats come from ``peft_lab.runfiles``.
 """
 
 from __future__ import annotations
