@@ -118,19 +118,28 @@ def test_rerun_skips_completed_cells(smoke_sweep, cli_env):
     assert {n: m["finished_at"] for n, m in _cells(sweep).items()} == before
 
 
+def _rerun_with_record_changed(sweep: Path, env: dict, dataset: str, change) -> tuple:
+    """Re-run the smoke grid with one cell's metrics.json changed by ``change`` (restored afterwards)."""
+    path = next(p for p in sweep.glob("*/metrics.json") if dataset in p.parent.name)
+    original = path.read_text()
+    data = json.loads(original)
+    change(data)
+    path.write_text(json.dumps(data))
+    try:
+        return _smoke_grid(sweep, env), path
+    finally:
+        path.write_text(original)
+
+
 def test_rerun_refuses_a_cell_completed_with_another_config(smoke_sweep, cli_env):
     """As after an upgrade that changed a default: the stored run's config differs from what the cell
     computes now. Nothing is launched, exit 2, the cell and the differing key are named."""
     sweep, _ = smoke_sweep
-    path = next(p for p in sweep.glob("*/metrics.json") if "wikitext2" in p.parent.name)
-    original = path.read_text()
-    data = json.loads(original)
-    data["config"]["method"]["lr"], data["fingerprint"] = 0.1, "0" * 16
-    path.write_text(json.dumps(data))
-    try:
-        proc = _smoke_grid(sweep, cli_env)
-    finally:
-        path.write_text(original)
+
+    def older_default(data: dict) -> None:
+        data["config"]["method"]["lr"], data["fingerprint"] = 0.1, "0" * 16
+
+    proc, path = _rerun_with_record_changed(sweep, cli_env, "wikitext2", older_default)
     assert proc.returncode == 2
     assert "method.lr: 0.1 -> 0.0005" in proc.stderr and path.parent.name in proc.stderr
     assert "Nothing was launched" in proc.stderr and "skipped" not in proc.stdout
@@ -207,14 +216,10 @@ def test_rerun_refuses_a_cell_that_is_running_now(smoke_sweep, cli_env):
     import time
 
     sweep, _ = smoke_sweep
-    path = next(p for p in sweep.glob("*/metrics.json") if "imdb" in p.parent.name)
-    original = path.read_text()
-    data = json.loads(original)
-    data.update(status="running", pid=os.getpid(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    path.write_text(json.dumps(data))
-    try:
-        proc = _smoke_grid(sweep, cli_env)
-    finally:
-        path.write_text(original)
+
+    def running_now(data: dict) -> None:
+        data.update(status="running", pid=os.getpid(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    proc, _ = _rerun_with_record_changed(sweep, cli_env, "imdb", running_now)
     assert proc.returncode == 2
     assert f"is being run right now by process {os.getpid()}" in proc.stderr and "Nothing was launched" in proc.stderr
