@@ -15,9 +15,10 @@ def _cells(sweep: Path) -> dict[str, dict]:
 
 
 def _smoke_grid(sweep: Path, env: dict):
-    """The README's smoke command, into a given sweep dir, two cells at a time (the 2-core budget)."""
+    """The README's smoke command, into a given sweep dir, two cells at a time (the 2-core budget), without
+    W&B (tests/test_tracking.py has its own sweep for that)."""
     args = ["-m", "method=lora", "dataset=sst2,imdb,wikitext2", "experiment=smoke", f"hydra.sweep.dir={sweep}",
-            "cluster.parallel=2"]  # fmt: skip
+            "cluster.parallel=2", "logger=none"]  # fmt: skip
     return train_cli(args, sweep.parent, env)
 
 
@@ -109,9 +110,9 @@ def test_rerun_skips_completed_cells(smoke_sweep, cli_env):
 
     sweep, _ = smoke_sweep
     before = {n: m["finished_at"] for n, m in _cells(sweep).items()}
-    # logging keys are not part of a cell's identity: the same grid without W&B is still "the same cells"
+    # logging keys are not part of a cell's identity: the same grid with other logger settings is the same cells
     args = ["-m", "method=lora", "dataset=sst2,imdb,wikitext2", "experiment=smoke", f"hydra.sweep.dir={sweep}",
-            "logger=none"]  # fmt: skip
+            "logger=wandb", "logger.mode=disabled"]  # fmt: skip
     proc = train_cli(args, sweep.parent, cli_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Sweep summary (0 completed, 3 skipped, 0 failed)" in proc.stdout
