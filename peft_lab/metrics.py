@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 import platform
 import resource
 import subprocess
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -133,10 +131,6 @@ def git_commit() -> str | None:
 
 def process_start_time() -> float | None:
     """When this process started (epoch seconds), from /proc on Linux; None elsewhere."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        start_ticks = int(fields[19])  # field 22 (starttime), counted after the ")" that ends the command name
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    from peft_lab.runfiles import process_started_at
+
+    return process_started_at("self")

@@ -130,11 +130,6 @@ class Status(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-    @property
-    def finished(self) -> bool:
-        """Ended for good (nothing will run it again by itself)."""
-        return self in (Status.completed, Status.failed)
-
     @classmethod
     def parse(cls, value: Any) -> Status:
         try:
@@ -322,17 +317,25 @@ def pid_alive(pid: Optional[int], host: Optional[str], since: Optional[str] = No
     except PermissionError:
         return True
     try:
-        fields_ = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields_[0] == "Z":  # a zombie is not alive
+        if Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":  # a zombie is not alive
             return False
-        if since:
-            uptime = float(Path("/proc/uptime").read_text().split()[0])
-            started = time.time() - uptime + int(fields_[19]) / os.sysconf("SC_CLK_TCK")
-            if started > time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S")) + 2:
-                return False
+        started = process_started_at(int(pid))
+        if since and started is not None and started > time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S")) + 2:
+            return False
     except (OSError, IndexError, ValueError):
         pass
     return True
+
+
+def process_started_at(pid: int | str = "self") -> Optional[float]:
+    """When a process started (epoch seconds), from /proc on Linux; None elsewhere."""
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(fields_[19])  # field 22 (starttime), counted after the ")" that ends the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # ----------------------------------------------------------------------------- progress
