@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from peft_lab.schemas import plain
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "lora,qlora,hira,sparse,sparselora"
 BARE = "bare-lora"
@@ -109,7 +111,7 @@ class Framework:
 
         self.cfg = cfg = compose(args.model, method, extra, args)
         self.device = device
-        prec = run.resolve_precision(str(getattr(cfg.train.precision, "value", cfg.train.precision)), device)
+        prec = run.resolve_precision(plain(cfg.train.precision), device)
         self.dtype, self.autocast, self.grad_scaler = prec.weight_dtype, prec.autocast, prec.grad_scaler
         self.task = args.task
         self.method = get_method_class(method)(cfg.method, cfg.model, args.task)
@@ -150,7 +152,7 @@ class Bare:
         from peft_lab import models, run
 
         cfg = compose(args.model, "lora", [], args)
-        prec = run.resolve_precision(str(getattr(cfg.train.precision, "value", cfg.train.precision)), device)
+        prec = run.resolve_precision(plain(cfg.train.precision), device)
         self.dtype, self.autocast = prec.weight_dtype, prec.autocast
         loaded = models.load(cfg.model, args.task, cfg.dataset.num_labels, {}, self.dtype)
         mc = cfg.method

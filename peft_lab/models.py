@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from peft_lab.data import hub_reachable
 from peft_lab.errors import fail
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def cache_root() -> Path:
 
 def resolve_task(model_cfg: Any, dataset_task: str) -> str:
     """The task this model runs for the dataset: an encoder runs masked LM on an LM dataset."""
-    tasks = [str(getattr(t, "value", t)) for t in model_cfg.tasks]
+    tasks = [plain(t) for t in model_cfg.tasks]
     if dataset_task in tasks:
         return dataset_task
     if dataset_task == "causal_lm" and "masked_lm" in tasks:
@@ -123,7 +124,7 @@ def check_input_length(ds_cfg: Any, task: str, hf_config: Any) -> None:
     limit = max_input_length(hf_config)
     if limit is None:
         return
-    task = str(getattr(task, "value", task))
+    task = plain(task)
     key = "max_length" if task == "classification" else "block_size"
     value = getattr(ds_cfg, key)
     if value is not None and value > limit:
@@ -168,7 +169,7 @@ def load(model_cfg: Any, task: str, num_labels: int, load_kwargs: dict, dtype: A
 
 
 def _resolve_folder(model_cfg: Any) -> tuple[str, str, dict]:
-    src = str(getattr(model_cfg.source, "value", model_cfg.source))
+    src = plain(model_cfg.source)
     if src == "config":
         return str(build_from_config(model_cfg)), f"config:{model_cfg.arch}", {}
     if model_cfg.path:

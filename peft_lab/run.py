@@ -34,6 +34,7 @@ from peft_lab import models
 from peft_lab import runfiles as rf
 from peft_lab.errors import DivergedError, UserError, fail
 from peft_lab.methods import get_method_class
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     data_mod.check_config(ds)
     models.check_config(mc)
     check_device_name(str(cfg.train.device))
-    task = models.resolve_task(mc, str(getattr(ds.task, "value", ds.task)))
+    task = models.resolve_task(mc, plain(ds.task))
     method = get_method_class(cfg.method.name)(cfg.method, mc, task)
     method.validate()
     record.task, record.main_metric = task, _main_metric(ds, task)
@@ -219,7 +220,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
 
     set_seed(cfg.seed)
     device = _device(str(cfg.train.device))
-    prec = resolve_precision(str(getattr(cfg.train.precision, "value", cfg.train.precision)), device)
+    prec = resolve_precision(plain(cfg.train.precision), device)
     record.device, record.torch_threads, record.precision = device, threads, prec.name
     record.grad_scaler = prec.grad_scaler
 
@@ -234,7 +235,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.model_source, record.base_model_folder, record.data_source = loaded.source, loaded.folder, train_src
     record.train_examples, record.eval_examples = len(train_ex), len(eval_ex)
     _set_fields(record, metrics.count_parameters(model))
-    record.method_metrics = _plain(method.metrics(model))
+    record.method_metrics = _json_values(method.metrics(model))
     record.save(run_dir)
     log.info(
         f"{record.trainable_params:,} trainable of {record.total_params:,} parameters "
@@ -299,7 +300,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.samples_per_s = result.samples / max(1e-9, result.wall_s) if result.samples else None
     record.tokens_per_s = result.tokens / max(1e-9, result.wall_s) if result.tokens else None
     record.model_footprint_bytes = base_footprint
-    record.method_metrics = _plain(method.metrics(model))
+    record.method_metrics = _json_values(method.metrics(model))
     _set_fields(record, metrics.peak_memory(device))
     _set_fields(record, metrics.environment())
     if cfg.train.save_adapter:
@@ -321,7 +322,7 @@ def _set_fields(record: rf.RunRecord, values: dict) -> None:
             setattr(record, k, v)
 
 
-def _plain(values: dict) -> dict:
+def _json_values(values: dict) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
 
 

@@ -35,6 +35,12 @@ class Choice(str, Enum):
         return str.__format__(str.__str__(self), spec)
 
 
+def plain(value: Any) -> Any:
+    """A config value as libraries take it: a ``Choice`` member becomes its plain ``str``; anything else
+    (a string from an older config, None) is returned as it is."""
+    return str.__str__(value) if isinstance(value, Enum) else value
+
+
 class Task(Choice):
     """What a dataset trains: ``classification``, ``causal_lm`` or ``masked_lm``."""
 

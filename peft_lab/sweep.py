@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from peft_lab import runfiles as rf
+from peft_lab.cell import LAUNCHER_PID_ENV
 from peft_lab.runfiles import Status
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,7 @@ def prepare_cells(
     config = launcher.config
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     rf.cells_dir(sweep_dir).mkdir(parents=True, exist_ok=True)
-    if (
-        config.get("logger") is not None
-        and str(getattr(config.logger.get("backend"), "value", config.logger.get("backend"))) == "wandb"
-    ):
+    if config.get("logger") is not None and plain(config.logger.get("backend")) == "wandb":
         from peft_lab import tracking
 
         tracking.pin_group(sweep_dir, config.logger.get("group"))
@@ -124,10 +123,10 @@ def prepare_cells(
         cells.append(cell)
     if problems:
         print(
-            "peft_lab: error: this sweep would reuse results of another config:\n  "
+            "peft_lab: error: this sweep cannot run as it is:\n  "
             + "\n  ".join(problems)
-            + "\nFix: run the sweep into a new folder (hydra.sweep.dir=...), or delete the run dirs named above "
-            "to run those cells again. Nothing was launched.",
+            + "\nFix: for a run dir of another config, run the sweep into a new folder (hydra.sweep.dir=...) or "
+            "delete that run dir; for a cell that is running, wait for it or stop it. Nothing was launched.",
             file=sys.stderr,
             flush=True,
         )
@@ -334,7 +333,7 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
     import signal
 
     thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PEFT_LAB_THREADS": str(threads),
-                  "PEFT_LAB_LAUNCHER_PID": str(os.getpid())}  # fmt: skip
+                  LAUNCHER_PID_ENV: str(os.getpid())}  # fmt: skip
     base_env = dict(os.environ, **thread_env)
     fork = can_fork_cells(slots)
     if fork:
@@ -375,7 +374,6 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slot
                     cell.device = slot
-                cell.log_path = rf.cell_log(sweep_dir, cell.idx)
                 where = f" on CUDA device {slot}" if slot is not None else ""
                 log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}{where}")
                 argv = [str(state_path), str(cell.idx), *cell.overrides]

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from peft_lab import runfiles as rf
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def resolve_mode(mode: str, timeout: float = 3.0) -> str:
 
     Bounded by ``timeout`` seconds: decided before ``wandb.init``, which could otherwise wait ~90 s.
     """
-    mode = str(getattr(mode, "value", mode))  # a LoggerMode member from the config -> the plain string wandb takes
+    mode = plain(mode)  # a LoggerMode member from the config -> the plain string wandb takes
     if mode not in ("auto", "online"):
         return mode
     if not api_key_configured():

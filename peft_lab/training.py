@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from peft_lab import runfiles as rf
 from peft_lab.errors import DivergedError
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def train(
     total = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
     from transformers import get_scheduler
 
-    schedule = str(getattr(tc.scheduler, "value", tc.scheduler))  # a schemas.Scheduler member -> its plain name
+    schedule = plain(tc.scheduler)  # a schemas.Scheduler member -> its plain name
     scheduler = get_scheduler(
         schedule, optimizer, num_warmup_steps=round(tc.warmup_ratio * total), num_training_steps=total
     )

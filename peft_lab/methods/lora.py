@@ -7,7 +7,7 @@ from typing import Any
 
 from peft_lab.methods.base import Method as BaseMethod
 from peft_lab.methods.base import make_peft_model
-from peft_lab.schemas import Choice, MethodConfig
+from peft_lab.schemas import Choice, MethodConfig, plain
 
 NAME = "lora"
 
@@ -46,7 +46,7 @@ class Method(BaseMethod):
             r=self.cfg.r,
             lora_alpha=self.cfg.lora_alpha,
             lora_dropout=self.cfg.lora_dropout,
-            bias=getattr(self.cfg.bias, "value", self.cfg.bias),
+            bias=plain(self.cfg.bias),
             target_modules=self.target_modules(),
             modules_to_save=self.modules_to_save(),
             task_type=self.peft_task_type(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peft_lab.methods import lora
-from peft_lab.schemas import Choice, Precision
+from peft_lab.schemas import Choice, Precision, plain
 
 log = logging.getLogger(__name__)
 NAME = "qlora"
@@ -63,7 +63,7 @@ class Method(lora.Method):
     def compute_dtype(self, device: str) -> Any:
         import torch
 
-        name = getattr(self.cfg.compute_dtype, "value", self.cfg.compute_dtype)
+        name = plain(self.cfg.compute_dtype)
         if name == "auto":
             name = "bf16" if device.startswith("cuda") else "fp32"
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -73,7 +73,7 @@ class Method(lora.Method):
 
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=getattr(self.cfg.quant_type, "value", self.cfg.quant_type),
+            bnb_4bit_quant_type=plain(self.cfg.quant_type),
             bnb_4bit_use_double_quant=self.cfg.double_quant,
             bnb_4bit_compute_dtype=self.compute_dtype(device),
             llm_int8_skip_modules=list(self.model_cfg.keep_unquantised) or None,
@@ -104,7 +104,7 @@ class Method(lora.Method):
             unpack_cpu_weights(self._model)
 
     def optimizer_class(self, device: str) -> tuple[Any, str]:
-        name = getattr(self.cfg.paged_optimizer, "value", self.cfg.paged_optimizer)
+        name = plain(self.cfg.paged_optimizer)
         if device.startswith("cuda"):
             import bitsandbytes as bnb
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from peft_lab.errors import fail
 from peft_lab.methods import lora
-from peft_lab.schemas import Choice
+from peft_lab.schemas import Choice, plain
 
 log = logging.getLogger(__name__)
 NAME = "sparse"
@@ -149,8 +149,8 @@ class Method(lora.Method):
             "sparsity_target": self.cfg.sparsity,
             "sparsity_reached_target": self.current,
             "sparsity_achieved": zeros / total if total else 0.0,
-            "sparsity_criterion": getattr(self.cfg.criterion, "value", self.cfg.criterion),
-            "sparsity_schedule": getattr(self.cfg.schedule, "value", self.cfg.schedule),
+            "sparsity_criterion": plain(self.cfg.criterion),
+            "sparsity_schedule": plain(self.cfg.schedule),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional
 
 from peft_lab.errors import fail
 from peft_lab.methods import lora
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 NAME = "sparselora"
@@ -68,7 +69,7 @@ class Method(lora.Method):
         for key in ("mlp_sparsity", "attn_sparsity", "warmup_frac"):
             if not 0.0 <= getattr(c, key) < 1.0:
                 raise fail(f"method.{key}={getattr(c, key)} is outside [0, 1)", "give a fraction such as 0.5")
-        tasks = {str(getattr(t, "value", t)) for t in self.model_cfg.tasks}
+        tasks = {plain(t) for t in self.model_cfg.tasks}
         if self.task == "masked_lm" or ("masked_lm" in tasks and "causal_lm" not in tasks):
             raise fail(
                 f"SparseLoRA serves Llama-style decoders; model '{self.model_cfg.name}' is an encoder",
