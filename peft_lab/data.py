@@ -12,15 +12,18 @@ import logging
 import os
 import random
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 from peft_lab.errors import fail
+from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "PEFT_LAB_DATA_ROOT"
+ROW_ID = "__row_id"  # added to every loaded split: the example's row in its file (the id in test_outputs)
 # file extension -> datasets builder (and its extra kwargs).
 # .tsv follows the GLUE convention: tab-separated, no quoting (csv.QUOTE_NONE == 3), so a text
 # that starts with '"' is read as it is instead of swallowing the following rows.
@@ -44,7 +47,7 @@ def check_config(ds: Any) -> None:
     classification dataset without labels, ``data_dir`` together with
     ``source=synthetic``, a local folder missing a split).
     """
-    for key in ("max_train_samples", "max_eval_samples"):
+    for key in ("max_train_samples", "max_test_samples", "select_size"):
         value = getattr(ds, key)
         if value is not None and value <= 0:
             raise fail(
@@ -62,10 +65,24 @@ def check_config(ds: Any) -> None:
             "drop dataset.data_dir to run on synthetic data, or add dataset.source=local (or auto) "
             "to train on the folder (it overrides the experiment preset)",
         )
+    for split_key, size_key in (("select_split", "select_size"), ("test_split", "max_test_samples")):
+        if getattr(ds, split_key) is None and getattr(ds, size_key) is None:
+            raise fail(
+                f"dataset.{split_key}=null carves that split out of dataset.train_split='{ds.train_split}', "
+                f"but dataset.{size_key} (how many rows to carve) is not set",
+                f"set dataset.{size_key}=<rows>, or dataset.{split_key}=<a split that exists>",
+            )
+    named = [s for s in (ds.select_split, ds.test_split) if s is not None]
+    if ds.train_split in named or len(set(named)) < len(named):
+        raise fail(
+            f"the train / selection / test splits must be three different sets (train_split={ds.train_split}, "
+            f"select_split={ds.select_split}, test_split={ds.test_split})",
+            "name three different splits, or set select_split (or test_split) to null to carve it from train",
+        )
     if ds.source in ("auto", "local"):
         folder = local_dir(ds)
         if folder is not None:
-            for split in (ds.train_split, ds.eval_split):
+            for split in [ds.train_split] + named:
                 split_file(folder, split)
         elif ds.source == "local":
             raise fail(
@@ -160,7 +177,7 @@ def _load_hub(ds: Any, split: str):
     if not hub_reachable():
         raise fail(
             f"dataset '{ds.name}' has no local copy and the Hugging Face Hub is unreachable (offline)",
-            f"set dataset.data_dir=<folder with {ds.train_split}.parquet and {ds.eval_split}.parquet> "
+            f"set dataset.data_dir=<folder with {ds.train_split}.parquet and the other splits' files> "
             f"or {DATA_ROOT_ENV}=<root with one folder per dataset>; make the folder on a machine "
             f"with internet with: python -m peft_lab.prefetch dataset={ds.name} out=<root>",
         )
@@ -192,7 +209,8 @@ def validate_rows(ds: Any, data: Any, split: str, where: str):
             raise fail(
                 f"split '{split}' ({where}) has labels {bad[:5]} outside 0..{ds.num_labels - 1}"
                 + (" (-1 marks unlabelled rows, as in GLUE's test split)" if -1 in bad else ""),
-                "use a labelled split (dataset.eval_split), map labels to 0..num_labels-1, or set dataset.num_labels",
+                "use a labelled split (dataset.test_split / select_split), map labels to 0..num_labels-1, "
+                "or set dataset.num_labels",
             )
     texts = data[ds.text_column]
     keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
@@ -201,7 +219,66 @@ def validate_rows(ds: Any, data: Any, split: str, where: str):
             f"split '{split}' ({where}) is empty after dropping empty texts ({len(texts)} rows read)",
             "point the dataset at a file with non-empty text rows",
         )
+    if ROW_ID in columns:
+        data = data.remove_columns(ROW_ID)
+    data = data.add_column(ROW_ID, list(range(len(texts))))  # the example id: the row in the file
     return data.select(keep) if len(keep) < len(texts) else data
+
+
+@dataclass
+class Splits:
+    """The three splits of a run as validated ``datasets.Dataset`` s (column ``ROW_ID``: the row in its
+    file), where each came from, and how many training rows were dropped as duplicates of a carved text."""
+
+    train: Any
+    select: Any
+    test: Any
+    sources: dict  # train / select / test -> "local:<folder>:<split>", "carved from train", ...
+    dropped_duplicates: int = 0
+
+
+def load_splits(ds: Any) -> Splits:
+    """Load train, selection and test; carve the null ones out of the train split.
+
+    Carving shuffles the train rows with ``subset_seed``: the first ``select_size`` rows are the
+    selection split, the next ``max_test_samples`` the test split (when ``test_split`` is null), the
+    rest remain for training; training rows whose text equals a carved row's text are dropped too, so
+    no selection or test text is ever trained on. A named selection split is capped at ``select_size``.
+    Raises ``UserError`` when a carve leaves no training rows.
+    """
+    train, where = load_validated(ds, ds.train_split)
+    sources, parts = {"train": where}, {}
+    for part, split in (("select", ds.select_split), ("test", ds.test_split)):
+        if split is not None:  # named splits are read (and checked) before anything is carved
+            parts[part], src = load_validated(ds, split)
+            sources[part] = f"{src}:{split}"
+    order = list(range(len(train)))
+    random.Random(ds.subset_seed).shuffle(order)
+    start = 0
+    for part, split, size in (("select", ds.select_split, ds.select_size), ("test", ds.test_split, ds.max_test_samples)):
+        if split is None:
+            parts[part] = sorted(order[start : start + size])
+            start += size
+            sources[part] = f"carved from {ds.train_split} ({size} rows, subset_seed={ds.subset_seed})"
+    carved = [parts[p] for p, split in (("select", ds.select_split), ("test", ds.test_split)) if split is None]
+    rest = sorted(order[start:])
+    dropped = 0
+    if carved:
+        texts = train[ds.text_column]
+        held = {texts[i] for idx in carved for i in idx}
+        kept = [i for i in rest if texts[i] not in held]
+        dropped, rest = len(rest) - len(kept), kept
+    if not rest:
+        raise fail(
+            f"carving the selection / test rows out of '{ds.train_split}' ({len(train)} rows) leaves no training rows",
+            "lower dataset.select_size / dataset.max_test_samples, or name existing splits (dataset.select_split=...)",
+        )
+    for part in ("select", "test"):
+        if isinstance(parts[part], list):
+            parts[part] = train.select(parts[part])
+    if dropped:
+        log.info(f"dropped {dropped} training rows whose text is also in the selection / test rows carved from train")
+    return Splits(train.select(rest), parts["select"], parts["test"], sources, dropped)
 
 
 def subset(items: list, n: Optional[int], seed: int) -> list:
@@ -223,13 +300,20 @@ def load_validated(ds: Any, split: str):
 
 
 def tokenize(ds: Any, tokenizer: Any, data: Any, max_samples: Optional[int]) -> list[dict]:
-    """Classification: one example per row. LM: blocks of block_size tokens (subset taken over blocks)."""
+    """Classification: one example per row (``id``: its row in the file). LM: blocks of block_size tokens
+    (``id``: the block's index in the split; the subset is taken over blocks). Texts longer than
+    ``max_length`` lose their ``dataset.truncation_side`` end (the tokenizer's own setting)."""
     texts = list(data[ds.text_column])
     if ds.task == "classification":
-        labels = list(data[ds.label_column])
-        pairs = subset(list(zip(texts, labels)), max_samples, ds.subset_seed)
-        enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=ds.max_length)
-        return [{"input_ids": ids, "labels": lab} for ids, (_, lab) in zip(enc["input_ids"], pairs)]
+        rows = list(zip(texts, data[ds.label_column], data[ROW_ID]))
+        rows = subset(rows, max_samples, ds.subset_seed)
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = plain(ds.truncation_side)
+        try:
+            enc = tokenizer([t for t, _, _ in rows], truncation=True, max_length=ds.max_length)
+        finally:
+            tokenizer.truncation_side = side
+        return [{"input_ids": ids, "labels": lab, "id": rid} for ids, (_, lab, rid) in zip(enc["input_ids"], rows)]
     examples = lm_blocks(tokenizer, texts, ds.block_size)
     if not examples:
         raise fail(
@@ -245,7 +329,7 @@ def lm_blocks(tokenizer: Any, texts: list[str], block_size: int) -> list[dict]:
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream.extend(ids)
     n = len(stream) // block_size
-    return [{"input_ids": stream[i * block_size : (i + 1) * block_size]} for i in range(n)]
+    return [{"input_ids": stream[i * block_size : (i + 1) * block_size], "id": i} for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- synthetic

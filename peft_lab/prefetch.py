@@ -37,9 +37,8 @@ def write_dataset_splits(splits: dict[str, Any], folder: Path) -> list[Path]:
 def fetch_dataset(ds: Any, out: Path) -> list[Path]:
     from datasets import load_dataset
 
-    splits = {
-        s: load_dataset(ds.hub_path, ds.hub_config, split=s) for s in dict.fromkeys([ds.train_split, ds.eval_split])
-    }
+    names = [s for s in (ds.train_split, ds.select_split, ds.test_split) if s is not None]
+    splits = {s: load_dataset(ds.hub_path, ds.hub_config, split=s) for s in dict.fromkeys(names)}
     return write_dataset_splits(splits, out / ds.name)
 
 

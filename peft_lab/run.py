@@ -204,11 +204,10 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     task = models.resolve_task(mc, plain(ds.task))
     method = get_method_class(cfg.method.name)(cfg.method, mc, task)
     method.validate()
-    record.task, record.main_metric = task, _main_metric(ds, task)
+    record.task, record.main_metric = task, main_metric_name(ds, task)
 
     # --- data next (validated before torch and the model load: bad data fails in a second or two)
-    raw_train, train_src = data_mod.load_validated(ds, ds.train_split)
-    raw_eval, _ = data_mod.load_validated(ds, ds.eval_split)
+    splits = data_mod.load_splits(ds)
 
     threads = cfg.train.threads or int(os.environ.get("PEFT_LAB_THREADS", 0)) or (os.cpu_count() or 1)
     import torch
@@ -228,18 +227,24 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     loaded, model, base_footprint = build_model(cfg, method, task, device, prec.weight_dtype)
     models.check_input_length(ds, task, loaded.model.config if hasattr(loaded.model, "config") else model.config)
     record.weight_dtype, record.compute_dtype = _dtypes(model, prec)
-    train_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_train, ds.max_train_samples)
-    eval_ex = data_mod.tokenize(ds, loaded.tokenizer, raw_eval, ds.max_eval_samples)
+    train_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.train, ds.max_train_samples)
+    select_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.select, ds.select_size if ds.select_split else None)
+    test_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.test, ds.max_test_samples if ds.test_split else None)
     gc.collect()
     metrics.reset_peak_memory(device)  # the peak covers training + evaluation, not the loading transient
-    record.model_source, record.base_model_folder, record.data_source = loaded.source, loaded.folder, train_src
-    record.train_examples, record.eval_examples = len(train_ex), len(eval_ex)
+    record.model_source, record.base_model_folder = loaded.source, loaded.folder
+    record.data_source, record.select_source, record.test_source = (splits.sources[k] for k in ("train", "select", "test"))
+    record.train_examples, record.select_examples, record.test_examples = len(train_ex), len(select_ex), len(test_ex)
     _set_fields(record, metrics.count_parameters(model))
+    record.saved_weights = method.saved_weights
+    if method.saved_weights == "head":  # a plain model's head is not a PEFT-wrapped one: what trains is the head
+        record.head_params = record.trainable_params
     record.method_metrics = _json_values(method.metrics(model))
     record.save(run_dir)
     log.info(
         f"{record.trainable_params:,} trainable of {record.total_params:,} parameters "
-        f"({record.trainable_pct:.3f} %); {len(train_ex)} train / {len(eval_ex)} eval examples"
+        f"({record.trainable_pct:.3f} %); {len(train_ex)} train / {len(select_ex)} selection / {len(test_ex)} test "
+        "examples"
     )
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -252,48 +257,58 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.wandb_run_id, record.wandb_mode = tracker.run_id, tracker.mode
     record.wandb_group = group if tracker.run_id else None
 
-    def run_eval() -> dict:
-        return training.evaluate(model, eval_ex, task, loaded.tokenizer, cfg.train.eval_batch_size, device,
-                                 prec.autocast, method)  # fmt: skip
+    def run_eval(examples: list, outputs: Optional[list] = None) -> dict:
+        return training.evaluate(model, examples, task, loaded.tokenizer, cfg.train.eval_batch_size, device,
+                                 prec.autocast, method, outputs)  # fmt: skip
 
     if cfg.train.eval_before:
-        record.eval_before = run_eval()
-        log.info(f"before training: {record.eval_before}")
+        record.eval_before = run_eval(select_ex)
+        log.info(f"before training, selection split: {record.eval_before}")
 
-    def on_eval(step: int) -> None:
-        result = run_eval()
-        log.info(f"eval at step {step}: {result}")
-        tracker.log({f"eval/{k}": v for k, v in result.items()}, step)
+    def on_eval(step: int) -> None:  # periodic evaluation: the selection split, never the test split
+        result = run_eval(select_ex)
+        log.info(f"selection split at step {step}: {result}")
+        tracker.log({f"select/{k}": v for k, v in result.items()}, step)
 
     def on_progress(step: int, total: int, resumed_from: int) -> None:
         if step in (resumed_from, total) or step % max(1, cfg.train.log_every) == 0:
             rf.write_progress(run_dir, step, total, resumed_from)
 
-    result = training.train(
-        model,
-        method,
-        train_ex,
-        cfg=cfg,
-        task=task,
-        tokenizer=loaded.tokenizer,
-        device=device,
-        autocast=prec.autocast,
-        run_dir=run_dir,
-        on_log=tracker.log,
-        on_eval=on_eval,
-        on_progress=on_progress,
-        grad_scaler=prec.grad_scaler,
-    )
+    if not method.trains():
+        log.info(f"method={cfg.method.name} trains nothing on a {task} task: evaluating the base model as it is")
+        result = training.TrainResult.nothing()
+    else:
+        result = training.train(
+            model,
+            method,
+            train_ex,
+            cfg=cfg,
+            task=task,
+            tokenizer=loaded.tokenizer,
+            device=device,
+            autocast=prec.autocast,
+            run_dir=run_dir,
+            on_log=tracker.log,
+            on_eval=on_eval,
+            on_progress=on_progress,
+            grad_scaler=prec.grad_scaler,
+        )
     record.steps, record.total_steps, record.resumed_from_step = result.steps, result.total_steps, result.resumed_from
     record.final_train_loss = result.final_loss
-    eval_metrics = run_eval()
-    log.info(f"eval: {eval_metrics}")
-    tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, result.steps)
-    main_metric = _main_metric(ds, task)
-    value = eval_metrics.get(main_metric)
-    record.eval, record.main_metric, record.main_metric_value = eval_metrics, main_metric, value
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RuntimeError(f"evaluation gave {main_metric} = {value} (not a finite number); the run is not a result")
+    main_metric = main_metric_name(ds, task)
+    record.select = run_eval(select_ex)
+    test_outputs: list = []
+    record.test = run_eval(test_ex, test_outputs)
+    log.info(f"selection split: {record.select}; test split: {record.test}")
+    tracker.log({f"{split}/{k}": v for split in ("select", "test") for k, v in getattr(record, split).items()},
+                result.steps)  # fmt: skip
+    value = record.test.get(main_metric)
+    record.main_metric, record.main_metric_value = main_metric, value
+    record.select_metric_value = record.select.get(main_metric)
+    for split, v in (("test", value), ("selection", record.select_metric_value)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise RuntimeError(f"the {split} split gave {main_metric} = {v} (not a finite number); the run is not a result")
+    rf.write_outputs(run_dir, test_outputs)
     record.train_wall_s = result.wall_s
     record.step_time_median_s = statistics.median(result.step_times) if result.step_times else None
     record.time_to_first_step_s = _since_start(result.first_step_done_at)
@@ -303,7 +318,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.method_metrics = _json_values(method.metrics(model))
     _set_fields(record, metrics.peak_memory(device))
     _set_fields(record, metrics.environment())
-    if cfg.train.save_adapter:
+    if cfg.train.save_adapter and method.saved_weights != "none":
         adapter_dir = run_dir / rf.ADAPTER_DIR
         method.save_adapter(model, adapter_dir)
         record.adapter_dir, record.adapter_bytes = str(adapter_dir), metrics.dir_size(adapter_dir)
@@ -355,7 +370,9 @@ def _since_start(t: Optional[float]) -> Optional[float]:
     return None if t is None or start is None else round(t - start, 3)
 
 
-def _main_metric(ds: Any, task: str) -> str:
+def main_metric_name(ds: Any, task: str) -> str:
+    """The metric a run reports and a protocol selects by: ``dataset.metrics[0]`` for classification,
+    else (causal / masked LM) the perplexity."""
     if task == "classification":
         return str(ds.metrics[0]) if ds.metrics else "accuracy"
     return "perplexity" if task == "causal_lm" else "mlm_perplexity"

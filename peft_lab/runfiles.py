@@ -14,10 +14,12 @@ A **run dir** holds::
     adapter/              save_pretrained output
     train.log             Hydra's job log
     wandb_run_id.txt      the W&B run id, so a resumed run continues the same W&B run
+    test_outputs.jsonl    one line per test example (classification: id, label, pred) or LM block
+                          (id, nll, tokens): the report's paired statistics read these
 
 A **sweep dir** holds one run dir per cell plus ``.cells/`` (manifest.json, group.txt,
 cell_<i>.log / cell_<i>.result.json, launcher.pkl), ``summary.md`` / ``summary.csv`` and
-``report/``.
+``report/``, and ``protocol.json`` when a protocol sweeper (``+protocol=select_lr``) ran it.
 
 **Identity.** A cell's run-dir name is derived from its overrides and is injective: a
 name that had to be sanitised or shortened carries a hash of the exact override string
@@ -61,6 +63,8 @@ SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 REPORT_DIR = "report"
 MULTIRUN_YAML = "multirun.yaml"
+TEST_OUTPUTS = "test_outputs.jsonl"
+PROTOCOL_FILE = "protocol.json"
 
 
 def cells_dir(sweep_dir: Path) -> Path:
@@ -225,7 +229,10 @@ class RunRecord:
     base_model_folder: Optional[str] = None
     data_source: Optional[str] = None
     train_examples: Optional[int] = None
-    eval_examples: Optional[int] = None
+    select_examples: Optional[int] = None  # the selection split (hyper-parameters, periodic evaluation)
+    test_examples: Optional[int] = None  # the test split (evaluated once, at the end)
+    select_source: Optional[str] = None  # "split:<name>" or "carved from <train split>"
+    test_source: Optional[str] = None
     # parameters (peft_lab.metrics.count_parameters)
     total_params: Optional[int] = None
     base_params: Optional[int] = None
@@ -233,12 +240,15 @@ class RunRecord:
     adapter_params: Optional[int] = None
     head_params: Optional[int] = None
     trainable_pct: Optional[float] = None
+    saved_weights: Optional[str] = None  # what adapter_dir / adapter_bytes hold: adapter | head | full_model | none
     method_metrics: dict = field(default_factory=dict)  # what the method reports about itself
     # results
-    eval_before: Optional[dict] = None
-    eval: Optional[dict] = None
+    eval_before: Optional[dict] = None  # the selection split before training (train.eval_before)
+    select: Optional[dict] = None  # metrics on the selection split after training
+    test: Optional[dict] = None  # metrics on the test split after training: the reported result
     main_metric: Optional[str] = None
-    main_metric_value: Optional[float] = None
+    main_metric_value: Optional[float] = None  # test[main_metric]
+    select_metric_value: Optional[float] = None  # select[main_metric]: what a protocol chooses by
     steps: Optional[int] = None
     total_steps: Optional[int] = None
     resumed_from_step: Optional[int] = None
@@ -273,8 +283,15 @@ class RunRecord:
 
     @property
     def value(self) -> Optional[float]:
-        """The main metric, only for a completed run and only when it is a finite number."""
-        v = self.main_metric_value
+        """The main metric on the test split, only for a completed run and only when it is a finite number."""
+        return self._finite(self.main_metric_value)
+
+    @property
+    def select_value(self) -> Optional[float]:
+        """The main metric on the selection split, only for a completed run and only when finite."""
+        return self._finite(self.select_metric_value)
+
+    def _finite(self, v: Any) -> Optional[float]:
         if self.status != Status.completed or not isinstance(v, (int, float)) or not math.isfinite(v):
             return None
         return float(v)
@@ -294,6 +311,34 @@ def read_record(run_dir: Path) -> Optional[RunRecord]:
     """The run's record, or None when it has none (or an unreadable one)."""
     data = read_json(Path(run_dir) / METRICS_FILE)
     return RunRecord.from_dict(data) if data else None
+
+
+def write_outputs(run_dir: Path, rows: list[dict]) -> None:
+    """``test_outputs.jsonl``: one JSON object per test example, in evaluation order (atomic).
+
+    Classification: ``{"id": row index in the split file, "label": gold class, "pred": predicted class}``.
+    Causal / masked LM: ``{"id": block index, "nll": summed token NLL in nats, "tokens": predicted tokens}``.
+    Floats are written with ``repr`` precision, so the metric recomputed from the file is the reported one.
+    """
+    write_atomic(Path(run_dir) / TEST_OUTPUTS, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+
+
+def read_outputs(run_dir: Path) -> Optional[list[dict]]:
+    """The rows of ``test_outputs.jsonl``, or None when the run has none (or an unreadable one)."""
+    try:
+        text = (Path(run_dir) / TEST_OUTPUTS).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+
+
+def read_protocol(sweep_dir: Path) -> dict:
+    """``protocol.json`` of a protocol sweep (``peft_lab.protocol``), or {} for a plain sweep."""
+    return read_json(Path(sweep_dir) / PROTOCOL_FILE)
+
+
+def write_protocol(sweep_dir: Path, data: dict) -> None:
+    write_json_atomic(Path(sweep_dir) / PROTOCOL_FILE, data)
 
 
 def now() -> str:

@@ -67,29 +67,47 @@ class EvalMetric(Choice):
     mlm_perplexity = "mlm_perplexity"  # masked LM (an encoder on an LM dataset)
 
 
+class TruncationSide(Choice):
+    """``dataset.truncation_side``: which end of a too-long text the tokenizer drops (its own setting).
+    ``right`` keeps the start; ``left`` keeps the end (a decoder classifies from the last token)."""
+
+    right = "right"
+    left = "left"
+
+
 @dataclass
 class DatasetConfig:
-    """One dataset (``conf/dataset/*.yaml``): where it lives, its columns, task and metrics."""
+    """One dataset (``conf/dataset/*.yaml``): where it lives, its columns, task, metrics and its three splits.
+
+    Three splits, never mixed: ``train_split`` trains; the *selection* split chooses hyper-parameters
+    and is what periodic evaluation reports; the *test* split is evaluated once, at the end, and is the
+    reported number. A null ``select_split`` carves ``select_size`` rows out of the train split (seeded by
+    ``subset_seed``, disjoint from the training rows, duplicates of their texts dropped from training); a
+    null ``test_split`` carves ``max_test_samples`` rows the same way.
+    """
 
     name: str = MISSING
     task: Task = MISSING
     hub_path: str = MISSING
     hub_config: Optional[str] = None
     train_split: str = "train"
-    eval_split: str = "validation"
+    select_split: Optional[str] = None  # null: carved from train_split
+    test_split: Optional[str] = "validation"  # null: carved from train_split
+    select_size: Optional[int] = None  # rows carved (required when select_split is null), or a cap on it
     text_column: str = "text"
     label_column: Optional[str] = "label"
     num_labels: int = 2
     metrics: List[EvalMetric] = field(default_factory=lambda: [EvalMetric.accuracy])
     max_length: int = 128
+    truncation_side: TruncationSide = TruncationSide.right
     block_size: int = 256
     source: DataSource = DataSource.auto
     data_dir: Optional[str] = None
     max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_test_samples: Optional[int] = None  # a cap on the test split (rows carved when test_split is null)
     subset_seed: int = 0
     synthetic_train_size: int = 256
-    synthetic_eval_size: int = 64
+    synthetic_eval_size: int = 64  # rows of each synthetic split other than train
 
 
 class ModelSource(Choice):
@@ -128,6 +146,8 @@ class MethodConfig:
 
     name: str = MISSING
     lr: float = 2e-4
+    # the learning rates +protocol=select_lr tries (stage 1); each method's own range
+    lr_grid: List[float] = field(default_factory=list)
     target_modules: Optional[List[str]] = None  # null: the model config's list
 
 

@@ -187,15 +187,20 @@ def write_report(sweep_dir: Path) -> None:
         log.warning(f"report failed ({type(err).__name__}: {err}); run python -m peft_lab.report {sweep_dir}")
 
 
-def finish_sweep(sweep_dir: Path, cells: list, launcher: str, stopped: bool = False) -> list:
-    """Summary files + table; exit 1 naming each cell that did not complete and its log (130 when the
-    launcher was stopped by Ctrl-C or SIGTERM); else Hydra's JobReturns."""
+def finish_sweep(sweep_dir: Path, cells: list, launcher: str, stopped: bool = False, driven: bool = False) -> list:
+    """Summary files + table + report; exit 1 naming each cell that did not complete and its log (130 when
+    the launcher was stopped by Ctrl-C or SIGTERM); else Hydra's JobReturns.
+
+    ``driven``: a sweeper runs this launch as one stage of several (``peft_lab.protocol``) and decides
+    what a failed cell means: failed cells come back as ``JobStatus.FAILED`` returns, and the sweeper
+    writes the report at its end. A stopped launcher still exits 130."""
     from hydra.core.utils import JobReturn, JobStatus
 
     write_manifest(sweep_dir, cells, launcher, finished=True)
     rows = write_summary(sweep_dir, cells)
     print(rows, flush=True)
-    write_report(sweep_dir)
+    if not driven:
+        write_report(sweep_dir)
     bad = [c for c in cells if c.status != Status.completed]
     if bad:
         lines = [f"{len(bad)} of {len(cells)} cells did not complete:"]
@@ -206,14 +211,17 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str, stopped: bool = Fa
         again = "resume the interrupted ones and run the rest" if stopped else "run only these again"
         lines.append(f"Re-run the same command with hydra.sweep.dir={sweep_dir} to {again}.")
         print("\n".join(lines), file=sys.stderr, flush=True)
-        sys.exit(130 if stopped else 1)
+        if stopped or not driven:
+            sys.exit(130 if stopped else 1)
 
     returns = []
     for c in cells:
         ret = JobReturn()
-        ret.overrides, ret.status = c.overrides, JobStatus.COMPLETED
-        ret.working_dir = str(c.run_dir)
-        ret._return_value = c.record.value if c.record else None
+        ret.overrides, ret.working_dir = c.overrides, str(c.run_dir)
+        if c.status == Status.completed:
+            ret.status, ret._return_value = JobStatus.COMPLETED, c.record.value if c.record else None
+        else:
+            ret.status, ret._return_value = JobStatus.FAILED, RuntimeError(c.error or c.status.value)
         returns.append(ret)
     return returns
 
@@ -282,7 +290,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
     finished = _run_cells(pending, state_path, sweep_dir, slots, threads)
-    return finish_sweep(sweep_dir, cells, "local", stopped=not finished)
+    return finish_sweep(sweep_dir, cells, "local", stopped=not finished, driven=_driven(launcher))
 
 
 def can_fork_cells(slots: list) -> bool:
@@ -478,7 +486,7 @@ def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     log_plan(sweep_dir, cells, how)
     write_manifest(sweep_dir, cells, "slurm", finished=False)
     if not pending:
-        return finish_sweep(sweep_dir, cells, "slurm")
+        return finish_sweep(sweep_dir, cells, "slurm", driven=_driven(launcher))
 
     submitted = time.time()
     jobs, array_id = [], ""
@@ -508,7 +516,12 @@ def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         )
         raise
     log.info(f"All {len(pending)} tasks done {time.time() - submitted:.1f}s after submission (job {', '.join(ids)})")
-    return finish_sweep(sweep_dir, cells, "slurm")
+    return finish_sweep(sweep_dir, cells, "slurm", driven=_driven(launcher))
+
+
+def _driven(launcher: Any) -> bool:
+    """Is this launch one stage of a sweeper's plan (it set ``launcher.driven_by_sweeper``)? See ``finish_sweep``."""
+    return bool(getattr(launcher, "driven_by_sweeper", False))
 
 
 def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:

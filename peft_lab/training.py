@@ -84,33 +84,42 @@ def evaluate(
     device: str,
     autocast: Any,
     method: Any = None,
+    outputs: Optional[list] = None,
 ) -> dict[str, float]:
-    """Accuracy / macro-F1 for classification; token-level NLL and perplexity for LM."""
+    """Accuracy / macro-F1 for classification; token-level NLL and perplexity for LM.
+
+    The metrics are computed from the per-example values, so ``outputs`` (when a list is given, it is
+    filled with one row per example, in order: ``{"id", "label", "pred"}`` for classification,
+    ``{"id", "nll", "tokens"}`` per LM block, nll summed in nats) reproduces them exactly:
+    ``peft_lab.report.metric_from_outputs``. Perplexity = exp(sum of block NLLs / sum of tokens).
+    """
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(1234)  # the same MLM masks in every evaluation
-    preds, golds, nll, count = [], [], 0.0, 0
+    rows = []
     for i in range(0, len(examples), batch_size):
-        batch = _to(collate(examples[i : i + batch_size], task, tokenizer, generator), device)
+        chunk = examples[i : i + batch_size]
+        batch = _to(collate(chunk, task, tokenizer, generator), device)
         if method is not None:
             method.before_forward(batch, 0, 1, training=False)
         labels = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
+        ids = [e.get("id", i + j) for j, e in enumerate(chunk)]
         if task == "classification":
-            preds += logits.argmax(-1).tolist()
-            golds += labels.tolist()
+            rows += [{"id": k, "label": g, "pred": p} for k, g, p in zip(ids, labels.tolist(), logits.argmax(-1).tolist())]
             continue
         if task == "causal_lm":
             logits, labels = logits[:, :-1], labels[:, 1:]
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((labels != -100).sum())
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+        rows += [{"id": k, "nll": n, "tokens": t} for k, n, t in zip(ids, nll.tolist(), (labels != -100).sum(1).tolist())]
     model.train(was_training)
+    if outputs is not None:
+        outputs.extend(rows)
     if task == "classification":
-        return classification_metrics(preds, golds)
-    mean = nll / max(1, count)
+        return classification_metrics([r["pred"] for r in rows], [r["label"] for r in rows])
+    nll_sum, count = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+    mean = nll_sum / max(1, count)
     name = "perplexity" if task == "causal_lm" else "mlm_perplexity"
     return {"eval_loss": mean, name: math.exp(min(mean, 700.0)), "eval_tokens": count}
 
@@ -145,6 +154,11 @@ class TrainResult:
     history: list[dict]
     step_times: list[float] = field(default_factory=list)  # seconds per optimizer step, in order
     first_step_done_at: Optional[float] = None  # time.time() when this process finished its first step
+
+    @classmethod
+    def nothing(cls) -> TrainResult:
+        """No loop ran: the method trains nothing for this task (``Method.trains()`` is False)."""
+        return cls(0, 0, 0.0, 0, 0, None, 0, [])
 
 
 def train(

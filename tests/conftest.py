@@ -125,6 +125,7 @@ TINY = [
     "train.log_every=1",
     "dataset.max_length=32",
     "dataset.block_size=32",
+    "dataset.select_size=4",  # the selection split: 4 rows carved from train (sst2, imdb), or a cap (wikitext2)
 ]
 
 

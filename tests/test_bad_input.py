@@ -63,10 +63,10 @@ def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
         write_parquet(d, "train", rows)
         write_parquet(d, "validation", sentiment_rows(8))
         return [f"dataset.data_dir={d}"], "labels [5] outside 0..1"
-    if name == "unlabelled_eval_split":
+    if name == "unlabelled_test_split":
         write_parquet(d, "train", sentiment_rows(8))
         write_parquet(d, "test", {"sentence": ["a b"] * 4, "label": [-1] * 4})
-        return [f"dataset.data_dir={d}", "dataset.eval_split=test"], "unlabelled rows"
+        return [f"dataset.data_dir={d}", "dataset.test_split=test"], "unlabelled rows"
     if name == "empty_after_filtering":
         write_parquet(d, "train", {"sentence": ["", "  ", ""], "label": [0, 1, 0]})
         write_parquet(d, "validation", sentiment_rows(8))
@@ -108,7 +108,7 @@ DATA_CASES = [
     "text_column_missing",
     "label_column_missing",
     "labels_out_of_range",
-    "unlabelled_eval_split",
+    "unlabelled_test_split",
     "empty_after_filtering",
     "malformed_file",
     "max_train_samples_zero",

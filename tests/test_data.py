@@ -102,7 +102,7 @@ def test_lm_blocks_concatenate_and_drop_remainder():
 def test_synthetic_data_has_the_dataset_layout(compose):
     cfg = compose("dataset=imdb", "dataset.source=synthetic", "dataset.synthetic_train_size=20")
     train, where = data.load_validated(cfg.dataset, "train")
-    assert where == "synthetic" and len(train) == 20 and set(train.column_names) == {"text", "label"}
+    assert where == "synthetic" and len(train) == 20 and set(train.column_names) == {"text", "label", data.ROW_ID}
     assert set(train["label"]) == {0, 1}
 
 

@@ -11,6 +11,7 @@ from peft_lab.methods import names
 from peft_lab.metrics import count_parameters
 
 TASKS = {"classification": "sst2", "causal_lm": "wikitext2"}
+BASELINES = {"full", "head"}  # methods with no adapter (peft_lab/methods/full.py, head.py)
 
 
 @pytest.fixture(autouse=True)
@@ -68,16 +69,28 @@ def test_method_contract(method_name, task, compose, tmp_path):
 
     # 1. only adapter parameters (plus the task head for classification) train
     counts = count_parameters(model)
-    assert counts["adapter_params"] > 0
-    expected = counts["adapter_params"] + (counts["head_params"] if task == "classification" else 0)
-    assert counts["trainable_params"] == expected
-    if task == "classification":
-        assert counts["head_params"] > 0
+    if method_name in BASELINES:  # no adapter: full trains everything, head only the task head
+        _check_baseline_trainable(method_name, method, model, counts, cfg)
     else:
-        assert counts["head_params"] == 0
+        assert counts["adapter_params"] > 0
+        expected = counts["adapter_params"] + (counts["head_params"] if task == "classification" else 0)
+        assert counts["trainable_params"] == expected
+        if task == "classification":
+            assert counts["head_params"] > 0
+        else:
+            assert counts["head_params"] == 0
 
     # 2. zero-initialised adapters reproduce the base model at init
     assert torch.allclose(_outputs(model, method, probe), base_out, atol=1e-5)
+
+    if not method.trains():  # nothing to train (head on an LM task): the base as it is, saved as nothing
+        assert method.saved_weights == "none"
+        method.save_adapter(model, tmp_path / "adapter")
+        assert not any((tmp_path / "adapter").iterdir())
+        fresh, _, _ = build_model(cfg)
+        reloaded = method.load_adapter(fresh.model, tmp_path / "adapter")
+        assert torch.allclose(_outputs(reloaded, None, probe), base_out, atol=1e-5)
+        return
 
     # 3. loss falls on a learnable tiny task
     model.train()
@@ -92,6 +105,181 @@ def test_method_contract(method_name, task, compose, tmp_path):
     fresh, _, _ = build_model(cfg)
     reloaded = method.load_adapter(fresh.model, tmp_path / "adapter")
     assert torch.allclose(_outputs(reloaded, None, probe), trained_out, atol=1e-5)
+
+
+def _head_param_names(model, cfg):
+    wanted = list(cfg.model.cls_head_modules)
+    return {
+        f"{m}.{p}" if m else p
+        for m, module in model.named_modules()
+        if m and any(m == w or m.endswith("." + w) for w in wanted)
+        for p, _ in module.named_parameters()
+    }
+
+
+def _check_baseline_trainable(method_name, method, model, counts, cfg):
+    """full: every parameter, counted once; head: exactly the head for classification, nothing for LM."""
+    assert counts["adapter_params"] == 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if method_name == "full":
+        assert all(p.requires_grad for p in model.parameters())
+        assert counts["trainable_params"] == counts["total_params"] == sum(p.numel() for p in model.parameters())
+        assert method.saved_weights == "full_model" and method.trains()
+    elif method.task == "classification":
+        heads = _head_param_names(model, cfg)
+        assert heads and trainable == heads
+        assert counts["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in heads)
+        assert method.metrics(model)["head_params"] == counts["trainable_params"]
+        assert method.saved_weights == "head" and method.trains()
+    else:
+        assert not trainable and counts["trainable_params"] == 0
+        assert not method.trains()
+
+
+# ----------------------------------------------------------------------------- full fine-tuning
+
+
+def _full_round_trip(compose, dataset, tmp_path, *extra):
+    """Train method=full a few steps, save, reload onto a fresh base: (model, reloaded, probe, counts)."""
+    cfg = _cfg(compose, "full", dataset, "method.lr=1e-3", "train.log_every=1", "train.warmup_ratio=0", *extra)
+    loaded, method, task = build_model(cfg)
+    tok = loaded.tokenizer
+    examples = _examples(cfg, tok, cfg.dataset.train_split, 32)
+    probe = training.collate(examples[:4], task, tok)
+    base_out = _outputs(loaded.model, None, probe)
+    model = method.adapt(loaded.model)
+    counts = count_parameters(model)
+    model.train()
+    _train(model, method, cfg, tok, task, examples, tmp_path, steps=3)
+    trained_out = _outputs(model, method, probe)
+    assert not torch.allclose(trained_out, base_out, atol=1e-5)
+    method.save_adapter(model, tmp_path / "adapter")
+    fresh, _, _ = build_model(cfg)
+    reloaded = method.load_adapter(fresh.model, tmp_path / "adapter")
+    assert reloaded is fresh.model and type(reloaded) is type(model)
+    assert torch.allclose(_outputs(reloaded, None, probe), trained_out, atol=1e-5)
+    return model, reloaded, counts
+
+
+@pytest.mark.parametrize(
+    "dataset,extra",
+    [
+        ("wikitext2", ["+model.config_kwargs.tie_word_embeddings=true"]),  # SmolLM2 ties lm_head to embed_tokens
+        ("wikitext2", ["model=tiny-distilbert"]),  # masked LM: vocab_projector tied to word_embeddings
+        ("sst2", ["model=tiny-distilbert"]),
+    ],
+    ids=["llama-tied-causal", "distilbert-mlm-tied", "distilbert-cls"],
+)
+def test_full_counts_tied_weights_once_and_round_trips(dataset, extra, compose, tmp_path):
+    model, reloaded, counts = _full_round_trip(compose, dataset, tmp_path, *extra)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert counts["trainable_params"] == counts["total_params"] == sum(unique.values())
+    if dataset == "wikitext2":
+        out_emb = model.get_output_embeddings().weight
+        assert out_emb is model.get_input_embeddings().weight, "the tie is kept through training"
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+        saved = sum(p.numel() for p in model.state_dict().values())
+        assert counts["total_params"] < saved  # state_dict lists the tied tensor twice; the count once
+
+
+def test_full_needs_no_target_modules_and_has_its_own_lr(compose):
+    cfg = _cfg(compose, "full", "sst2", "model.target_modules=[]")
+    _, method, _ = build_model(cfg)  # validate() passes without target modules
+    assert cfg.method.lr == 5e-5 and list(cfg.method.lr_grid) == [1.5e-5, 5e-5, 1.5e-4]
+    assert cfg.method.lr < compose("method=lora").method.lr
+
+
+def test_full_load_adapter_refuses_a_mismatched_folder(compose, tmp_path):
+    from peft_lab.errors import UserError
+
+    cfg = _cfg(compose, "full", "sst2")
+    loaded, method, _ = build_model(cfg)
+    with pytest.raises(UserError, match="no \\*.safetensors"):
+        method.load_adapter(loaded.model, tmp_path)
+    method.save_adapter(method.adapt(loaded.model), tmp_path / "cls")
+    lm_cfg = _cfg(compose, "full", "wikitext2")
+    lm, lm_method, _ = build_model(lm_cfg)
+    with pytest.raises(UserError, match="does not match"):
+        lm_method.load_adapter(lm.model, tmp_path / "cls")
+
+
+@pytest.mark.parametrize("method_name", ["full", "head"])
+def test_baseline_resume_from_checkpoint_equals_straight_run(method_name, compose, tmp_path):
+    """The loop's checkpoint (trainable tensors by name) restores a model that is not a PeftModel."""
+    extra = ["train.log_every=1", "train.warmup_ratio=0", "train.scheduler=constant", "method.lr=1e-3"]
+    outs = []
+    for name, plan in (("straight", [4]), ("resumed", [2, 4])):
+        cfg = _cfg(compose, method_name, "sst2", *extra)
+        for steps in plan:
+            loaded, method, task = build_model(cfg)
+            model = method.adapt(loaded.model)
+            examples = _examples(cfg, loaded.tokenizer, cfg.dataset.train_split, 32)
+            cfg.train.max_steps = steps
+            cfg.train.checkpoint_every = 0
+            result = train_loop(model, method, cfg, loaded.tokenizer, task, examples, tmp_path / name)
+        assert result.steps == 4 and result.resumed_from == (2 if name == "resumed" else 0)
+        outs.append(_outputs(model, None, training.collate(examples[:4], task, loaded.tokenizer)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- head only (linear probe)
+
+
+def test_head_on_distilbert_trains_only_its_head_and_round_trips(compose, tmp_path):
+    cfg = _cfg(compose, "head", "sst2", "model=tiny-distilbert", "train.log_every=1", "train.warmup_ratio=0")
+    loaded, method, task = build_model(cfg)
+    tok = loaded.tokenizer
+    model = method.adapt(loaded.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{p}" for m in ("pre_classifier", "classifier") for p in ("weight", "bias")}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    examples = _examples(cfg, tok, cfg.dataset.train_split, 64)
+    probe = training.collate(examples[:4], task, tok)
+    model.train()
+    result = _train(model, method, cfg, tok, task, examples, tmp_path, steps=16)
+    first, last = result.history[0]["loss"], sum(h["loss"] for h in result.history[-3:]) / 3
+    assert last < first, (first, last)
+    for n, p in model.named_parameters():  # the base did not move
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    trained_out = _outputs(model, method, probe)
+    method.save_adapter(model, tmp_path / "adapter")
+    assert [f.name for f in (tmp_path / "adapter").iterdir()] == ["head.safetensors"]
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "adapter" / "head.safetensors"))) == trainable
+    fresh, _, _ = build_model(cfg)
+    reloaded = method.load_adapter(fresh.model, tmp_path / "adapter")
+    assert torch.allclose(_outputs(reloaded, None, probe), trained_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name,dataset", [("tiny", "wikitext2"), ("tiny-distilbert", "wikitext2")])
+def test_head_on_a_language_model_trains_nothing(model_name, dataset, compose):
+    cfg = _cfg(compose, "head", dataset, f"model={model_name}")
+    loaded, method, task = build_model(cfg)
+    assert task in ("causal_lm", "masked_lm")
+    model = method.adapt(loaded.model)
+    assert not method.trains() and method.saved_weights == "none"
+    assert not any(p.requires_grad for p in model.parameters())
+    assert count_parameters(model)["trainable_params"] == 0
+
+
+def test_head_refuses_classification_without_head_modules(compose):
+    from peft_lab.errors import UserError
+
+    cfg = _cfg(compose, "head", "sst2", "model.cls_head_modules=[]")
+    with pytest.raises(UserError, match="cls_head_modules"):
+        build_model(cfg)  # validate() runs before any weights load
+    build_model(_cfg(compose, "head", "wikitext2", "model.cls_head_modules=[]"))  # LM: no head needed
+    cfg = _cfg(compose, "head", "sst2", "model.cls_head_modules=[no_such_head]")
+    loaded, method, _ = build_model(cfg)
+    with pytest.raises(UserError, match="matches no module"):
+        method.adapt(loaded.model)
+
+
+def test_head_has_a_probe_learning_rate(compose):
+    cfg = compose("method=head")
+    assert cfg.method.lr == 1e-2 and list(cfg.method.lr_grid) == [3e-3, 1e-2, 3e-2]
 
 
 # ----------------------------------------------------------------------------- HiRA

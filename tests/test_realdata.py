@@ -17,14 +17,14 @@ def test_sst2_through_the_env_root(run_cli, tmp_path):
         *TINY,
         "dataset=sst2",
         "dataset.max_train_samples=64",
-        "dataset.max_eval_samples=64",
+        "dataset.max_test_samples=64",
         f"hydra.run.dir={run_dir}",
         env={"PEFT_LAB_DATA_ROOT": str(SHARED_DATA)},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = read_metrics(run_dir)
     assert m["status"] == "completed" and m["data_source"] == f"local:{SHARED_DATA / 'sst2'}"
-    assert m["train_examples"] == 64 and m["eval_examples"] == 64
+    assert m["train_examples"] == 64 and m["test_examples"] == 64
 
 
 def test_sst2_full_validation_split_counts(compose):
@@ -40,7 +40,7 @@ def test_sst2_test_split_is_rejected_as_unlabelled(run_cli, tmp_path):
         *TINY,
         "dataset=sst2",
         f"dataset.data_dir={SHARED_DATA / 'sst2'}",
-        "dataset.eval_split=test",
+        "dataset.test_split=test",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 2 and "unlabelled rows" in proc.stderr
@@ -53,13 +53,13 @@ def test_wikitext2_tokenised_variant_via_data_dir(run_cli, tmp_path):
         "dataset=wikitext2",
         f"dataset.data_dir={SHARED_DATA / 'wikitext2' / 'wikitext-2-v1'}",
         "dataset.max_train_samples=24",
-        "dataset.max_eval_samples=8",
+        "dataset.max_test_samples=8",
         f"hydra.run.dir={run_dir}",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = read_metrics(run_dir)
     assert m["status"] == "completed", m.get("error")
-    assert m["eval"]["eval_tokens"] == 8 * 31 and m["eval"]["perplexity"] > 1
+    assert m["test"]["eval_tokens"] == 8 * 31 and m["test"]["perplexity"] > 1
 
 
 def test_wikitext2_raw_config_under_env_root_names_the_missing_split(run_cli, tmp_path):

@@ -257,7 +257,7 @@ def test_requeue_resumes_and_matches_uninterrupted_run(tmp_path, cli_env):
     assert local["resumed_from_step"] == 0 and local["steps"] == STEPS
 
     pairs = {"final_train_loss": (resumed["final_train_loss"], local["final_train_loss"])}
-    pairs.update({f"eval.{key}": (resumed["eval"][key], local["eval"][key]) for key in local["eval"]})
+    pairs.update({f"test.{key}": (resumed["test"][key], local["test"][key]) for key in local["test"]})
     diffs = {name: abs(a - b) for name, (a, b) in pairs.items()}
     print(
         f"\nrequeue: scontrol requeue at step {step1} -> resumed from {k1} ({back1:.1f}s later); "

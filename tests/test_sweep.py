@@ -63,8 +63,8 @@ def test_smoke_grid_completes_with_metrics(smoke_sweep):
         assert 0 < m["time_to_first_step_s"] < m["run_wall_s"] + 30 and m["step_time_median_s"] > 0
     by_ds = {m["dataset"]: m for m in cells.values()}
     assert set(by_ds) == {"sst2", "imdb", "wikitext2"}
-    assert 0.0 <= by_ds["sst2"]["eval"]["accuracy"] <= 1.0 and "macro_f1" in by_ds["imdb"]["eval"]
-    assert by_ds["wikitext2"]["main_metric"] == "perplexity" and by_ds["wikitext2"]["eval"]["perplexity"] > 1
+    assert 0.0 <= by_ds["sst2"]["test"]["accuracy"] <= 1.0 and "macro_f1" in by_ds["imdb"]["test"]
+    assert by_ds["wikitext2"]["main_metric"] == "perplexity" and by_ds["wikitext2"]["test"]["perplexity"] > 1
     # every cell ran in its own process
     assert len({m["pid"] for m in cells.values()}) == 3
 
@@ -91,18 +91,18 @@ def test_adapter_loads_back_and_reproduces_the_trained_models_eval(smoke_sweep, 
     m = next(m for m in _cells(sweep).values() if m["dataset"] == "wikitext2")
     cfg = compose("experiment=smoke", "method=lora", "dataset=wikitext2", "logger=none")
     tok = AutoTokenizer.from_pretrained(m["base_model_folder"])
-    raw, _ = data.load_validated(cfg.dataset, cfg.dataset.eval_split)
-    examples = data.tokenize(cfg.dataset, tok, raw, cfg.dataset.max_eval_samples)
+    raw, _ = data.load_validated(cfg.dataset, cfg.dataset.test_split)
+    examples = data.tokenize(cfg.dataset, tok, raw, cfg.dataset.max_test_samples)
 
     def perplexity(model):
         res = training.evaluate(model.eval(), examples, "causal_lm", tok, 16, "cpu", contextlib.nullcontext)
-        assert res["eval_tokens"] == m["eval"]["eval_tokens"]
+        assert res["eval_tokens"] == m["test"]["eval_tokens"]
         return res["perplexity"]
 
     base = AutoModelForCausalLM.from_pretrained(m["base_model_folder"])
     untrained = perplexity(base)
     reloaded = perplexity(PeftModel.from_pretrained(base, m["adapter_dir"]))
-    assert reloaded == pytest.approx(m["eval"]["perplexity"], rel=1e-5)
+    assert reloaded == pytest.approx(m["test"]["perplexity"], rel=1e-5)
     assert abs(untrained - reloaded) > 1e-3 * reloaded  # the adapter is what makes the difference
 
 
@@ -190,7 +190,7 @@ def test_cells_do_not_leak_state(smoke_sweep, compose, tmp_path, cache_dir, monk
     alone = tmp_path / "alone"
     run.execute(compose("experiment=smoke", "method=lora", "dataset=wikitext2", "logger=none"), run.RunContext(alone))
     assert in_sweep["final_train_loss"] == read_metrics(alone)["final_train_loss"]
-    assert in_sweep["eval"] == read_metrics(alone)["eval"]
+    assert in_sweep["test"] == read_metrics(alone)["test"]
 
 
 def test_encoder_reports_masked_lm_perplexity(compose, tmp_path, cache_dir, monkeypatch):
@@ -204,10 +204,10 @@ def test_encoder_reports_masked_lm_perplexity(compose, tmp_path, cache_dir, monk
         cfg = compose("experiment=smoke", "logger=none", "model=tiny-distilbert", f"dataset={ds}")
         run.execute(cfg, run.RunContext(tmp_path / ds))
         by_ds[ds] = read_metrics(tmp_path / ds)
-    assert by_ds["sst2"]["task"] == "classification" and "accuracy" in by_ds["sst2"]["eval"]
+    assert by_ds["sst2"]["task"] == "classification" and "accuracy" in by_ds["sst2"]["test"]
     lm = by_ds["wikitext2"]
     assert lm["task"] == "masked_lm" and lm["main_metric"] == "mlm_perplexity"
-    assert "perplexity" not in lm["eval"] and lm["eval"]["mlm_perplexity"] > 1
+    assert "perplexity" not in lm["test"] and lm["test"]["mlm_perplexity"] > 1
 
 
 def test_rerun_refuses_a_cell_that_is_running_now(smoke_sweep, cli_env):

@@ -69,12 +69,12 @@ def test_each_run_file_holds_group_name_tags_config_history_and_summary(wandb_sw
         assert [h["_step"] for h in train_rows] == [2, 4, 6]  # experiment=smoke logs every 2 steps
         for h in train_rows:
             assert h["train/lr"] >= 0 and h["train/tokens_per_s"] > 0 and h["train/samples_per_s"] > 0
-        final = [h for h in w.history if "eval/accuracy" in h]
-        assert final and final[-1]["eval/accuracy"] == m["eval"]["accuracy"] and final[-1]["_step"] == 6
+        final = [h for h in w.history if "test/accuracy" in h]
+        assert final and final[-1]["test/accuracy"] == m["test"]["accuracy"] and final[-1]["_step"] == 6
         # summary = metrics.json (nested eval kept), plus W&B's own underscore keys and last history values
         for key in ("status", "main_metric", "main_metric_value", "trainable_params", "peak_memory_bytes", "steps"):
             assert w.summary[key] == m[key], key
-        assert w.summary["status"] == "completed" and w.summary["eval"] == m["eval"]
+        assert w.summary["status"] == "completed" and w.summary["test"] == m["test"]
         assert w.exit_code == 0
 
 

@@ -42,7 +42,7 @@ def test_classification_metrics_known_values():
 def test_perplexity_is_exp_of_mean_token_nll(compose):
     cfg = compose("experiment=smoke", "dataset=wikitext2", "logger=none")
     model, _, tok, task = _build(cfg)
-    raw, _ = data.load_validated(cfg.dataset, cfg.dataset.eval_split)
+    raw, _ = data.load_validated(cfg.dataset, cfg.dataset.test_split)
     blocks = data.tokenize(cfg.dataset, tok, raw, 6)
     result = training.evaluate(model, blocks, task, tok, 4, "cpu", contextlib.nullcontext)
     ids = torch.tensor([b["input_ids"] for b in blocks])
@@ -56,7 +56,7 @@ def test_encoder_on_lm_dataset_reports_masked_lm_perplexity(compose):
     cfg = compose("experiment=smoke", "dataset=wikitext2", "model=tiny-distilbert", "logger=none")
     model, _, tok, task = _build(cfg)
     assert task == "masked_lm"
-    raw, _ = data.load_validated(cfg.dataset, cfg.dataset.eval_split)
+    raw, _ = data.load_validated(cfg.dataset, cfg.dataset.test_split)
     result = training.evaluate(
         model, data.tokenize(cfg.dataset, tok, raw, 4), task, tok, 4, "cpu", contextlib.nullcontext
     )

@@ -1,13 +1,15 @@
-"""Hydra launcher plugins: each sweep cell in its own process (cluster=local) or SLURM array task (cluster=slurm).
+"""Hydra plugins: the launchers (each sweep cell in its own process with cluster=local, or a SLURM array task
+with cluster=slurm) and the select_lr sweeper (``+protocol=select_lr``: learning rate chosen per method).
 
-Hydra only instantiates launchers that live in the ``hydra_plugins`` package; the
-logic is in ``peft_lab.sweep``. Plugin discovery imports this module, so it stays
+Hydra only instantiates plugins that live in the ``hydra_plugins`` package; the
+logic is in ``peft_lab.sweep`` and ``peft_lab.protocol``. Plugin discovery imports this module, so it stays
 light (no torch, no submitit: hydra-submitit-launcher imports submitit lazily too).
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
 from hydra_plugins.hydra_submitit_launcher import config as submitit_config
@@ -28,9 +30,30 @@ class PeftLabSlurmConf(submitit_config.SlurmQueueConf):
     max_num_timeout: int = 3  # runs resume from their checkpoint, so a timed-out task may be requeued
 
 
+@dataclass
+class SelectLrSweeperConf:
+    """``+protocol=select_lr`` (conf/protocol/select_lr.yaml) selects this sweeper; it has no options of its own."""
+
+    _target_: str = "hydra_plugins.peft_lab_launcher.peft_lab_launcher.SelectLrSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+
+
 cs = ConfigStore.instance()
 cs.store(group="hydra/launcher", name="peft_lab_local", node=PeftLabLocalConf, provider="peft_lab")
 cs.store(group="hydra/launcher", name="peft_lab_slurm", node=PeftLabSlurmConf, provider="peft_lab")
+cs.store(group="hydra/sweeper", name="peft_lab_select_lr", node=SelectLrSweeperConf, provider="peft_lab")
+
+
+class SelectLrSweeper(BasicSweeper):
+    """Stage 1: every lr of each method's ``method.lr_grid`` with the first seed, scored on the selection
+    split; stage 2: each method's best lr with every seed. Both stages go through the configured launcher
+    (local or SLURM). Hydra's ``BasicSweeper`` supplies ``setup`` (the launcher); ``peft_lab.protocol`` the rest."""
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from peft_lab.protocol import sweep
+
+        return sweep(self, list(self._parse_config()) + list(arguments))
 
 
 class LocalCellLauncher(Launcher):

@@ -31,6 +31,8 @@ class Method:
     """
 
     name = "base"
+    # what ``save_adapter`` writes, recorded as ``saved_weights``: adapter | head | full_model
+    saved_weights = "adapter"
 
     def __init__(self, cfg: Any, model_cfg: Any, task: str) -> None:
         self.cfg = cfg
@@ -66,6 +68,12 @@ class Method:
 
     def peft_task_type(self) -> str | None:
         return PEFT_TASK_TYPE[self.task]
+
+    def trains(self) -> bool:
+        """False when this method trains nothing for ``self.task`` (e.g. ``head`` on a language-modelling
+        dataset: the zero-shot row). The pipeline then skips the loop and evaluates the base as it is,
+        and a learning-rate protocol runs a single grid point."""
+        return True
 
     # -- model --------------------------------------------------------------
     def load_kwargs(self, device: str) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, List
 
 from peft_lab.methods.base import Method as BaseMethod
 from peft_lab.methods.base import make_peft_model
@@ -30,6 +30,8 @@ class Config(MethodConfig):
 
     name: str = NAME
     lr: float = 5e-4  # SST-2 on SmolLM2-135M: 0.80 dev acc after 125 steps at 5e-4
+    # half a decade either side of lr (PEFT's method_comparison tunes LoRA in 1e-4..1e-3)
+    lr_grid: List[float] = field(default_factory=lambda: [1.5e-4, 5e-4, 1.5e-3])
     r: int = 8  # rank; higher = more capacity and more parameters
     lora_alpha: int = 16  # scaling alpha/r = 2
     lora_dropout: float = 0.05
