@@ -1,19 +1,36 @@
 """A sweep as a paper table and plots: ``python -m peft_lab.report <sweep dir>``.
 
-Reads every cell's metrics.json (and the sweep's manifest, so cells that never ran
-show as pending), aggregates seeds (mean ± sample std), and writes into
-``<sweep>/report/``:
+Reads every cell's ``metrics.json`` and ``test_outputs.jsonl`` (and the sweep's manifest, so cells
+that never ran show as pending; and ``protocol.json`` for a learning-rate protocol sweep),
+aggregates seeds (mean ± sample std), and writes into ``<sweep>/report/``:
 
-- ``report.md``: rows are methods, columns datasets; each cell holds the main metric,
-  trainable %, peak memory and wall time. The best method per dataset is in bold and
-  methods whose difference from it is within seed noise are marked ``≈``.
+- ``report.md``: rows are methods (one per config variant), columns datasets; each cell holds
+  the main metric on the test split, its paired comparison with the column's best row
+  (Δ, 95 % interval, Holm-adjusted p), trainable %, peak memory and wall time. The best row
+  per dataset is bold (with the 95 % test-sampling interval of its metric); rows not
+  distinguishable from it are marked ``≈``. Under the table: a warning per dataset where the
+  adapter methods' trainable-parameter budgets differ by more than 10 %. A protocol sweep
+  adds the chosen learning rate to each cell and a stage-1 table (selection metric per lr).
 - ``report.csv``: the same table as numbers (one row per method, columns per dataset);
-  ``runs.csv``: one row per run.
-- five PNG plots: metric per method × dataset, metric vs trainable parameters, peak
-  memory, throughput, metric vs wall time (with the Pareto front).
+  ``runs.csv``: one row per run (a protocol sweep's stage-1 runs included, ``stage`` column).
+- PNG plots: ``PLOTS`` always, ``PROTOCOL_PLOTS`` (selection metric vs lr) for a protocol sweep.
 
-"Within seed noise": Welch's two-sided t-test at 5 % between a method and the best one,
-both with at least two seeds. With a single seed nothing is tested and the report says so.
+**Statistics.** In each dataset column, every row is compared with the best row (best mean)
+by a paired bootstrap (Efron & Tibshirani 1993; Koehn 2004 for NLP test sets): the per-run
+metric is recomputed from the per-example test outputs (``metric_from_outputs``), and each of
+``BOOTSTRAP_REPS`` resamples draws the test examples with replacement (one draw shared by both
+rows and all seeds) and the seeds both rows ran (with replacement, when there are at least
+two). The 95 % percentile interval of Δ = row − best and a two-sided bootstrap p follow; the
+p-values of one column are Holm-corrected (Holm 1979). A row is ``≈`` (not distinguishable
+from the best) when its adjusted p ≥ 0.05, else worse. With one seed the same test runs over
+test examples only, and the footnote says the intervals then exclude seed variance. Runs
+without ``test_outputs.jsonl`` (older sweeps) are untested, and the footnote says why. The
+resampling is seeded (``BOOTSTRAP_SEED``): a report is reproducible.
+
+**Protocol sweeps** (``+protocol=select_lr``): the main table holds only the stage-2 runs (each
+arm's chosen lr × every seed); stage-1 runs (one per lr of the grid) appear in the stage-1
+table, the ``select_lr`` plot and ``runs.csv``.
+
 It runs at the end of every sweep and logs the table and plots to W&B as a ``report``
 run in the sweep's group.
 """
@@ -27,9 +44,11 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
 
 from peft_lab import runfiles as rf
 from peft_lab.runfiles import Status, write_atomic
@@ -38,14 +57,22 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = rf.REPORT_DIR
 PLOTS = ("metric_by_method", "metric_vs_trainable", "peak_memory", "throughput", "metric_vs_walltime")
-# two-sided 5 % critical values of Student's t, df 1..30; beyond that 1.96 is close enough
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
+PROTOCOL_PLOTS = ("select_lr",)  # made only for a protocol sweep
 _SWEPT_ELSEWHERE = ("method=", "dataset=", "seed=", "hydra.", "cluster", "logger")
-
+_PROTOCOL_KEYS = ("method.lr",)  # what a protocol chooses per arm: shown in the cell, never in the row label
 
 METHOD_ORDER = ("lora", "qlora", "hira", "sparse", "sparselora")
 DATASET_ORDER = ("sst2", "imdb", "wikitext2")
+
+BOOTSTRAP_REPS = 2000
+BOOTSTRAP_SEED = 0
+ALPHA = 0.05  # two-sided level of the ≈ mark (after Holm) and of the 95 % intervals
+BUDGET_TOLERANCE = 0.10  # adapter rows whose trainable parameters differ by more are flagged
+ADAPTER_WEIGHTS = ("adapter", None)  # saved_weights of a parameter-efficient method (None: an older record)
+NO_LR = "no lr completed"  # a protocol arm whose stage-1 runs all failed
+NO_OUTPUTS = "no test_outputs.jsonl"
+
+_LM_METRICS = ("perplexity", "mlm_perplexity")
 
 
 def _order(name: str, known: tuple) -> int:
@@ -56,22 +83,207 @@ def lower_is_better(metric: str) -> bool:
     return "perplexity" in metric or metric.endswith("loss")
 
 
-def t_critical(df: float) -> float:
-    if df < 1:
-        return _T975[0]
-    return _T975[min(int(df), 30) - 1] if df < 31 else 1.96
+# ----------------------------------------------------------------------------- per-example metrics
 
 
-def welch_within_noise(a: Agg, b: Agg) -> Optional[bool]:
-    """True if the difference of means is not significant at 5 % (Welch); None when either has < 2 seeds."""
-    if a.n < 2 or b.n < 2:
-        return None
-    va, vb = a.std**2 / a.n, b.std**2 / b.n
-    diff = abs(a.mean - b.mean)
-    if va + vb == 0:
-        return diff == 0
-    df = (va + vb) ** 2 / ((va**2 / (a.n - 1)) + (vb**2 / (b.n - 1)))
-    return diff / math.sqrt(va + vb) < t_critical(df)
+def outputs_arrays(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The rows of ``test_outputs.jsonl`` as arrays of length N, sorted by example id.
+
+    Keys: ``id`` (int), then ``label`` / ``pred`` (int class ids) for classification, or ``nll``
+    (summed token NLL of the block, nats) / ``tokens`` (predicted tokens of the block) for an LM.
+    Raises ValueError for no rows, a row without those keys, or an id that occurs twice.
+    """
+    if not rows:
+        raise ValueError("no rows")
+    keys = ("label", "pred") if "pred" in rows[0] else ("nll", "tokens")
+    try:
+        ids = np.array([r["id"] for r in rows], dtype=np.int64)
+        cols = {k: np.array([r[k] for r in rows], dtype=np.float64 if k == "nll" else np.int64) for k in keys}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"a row without {'/'.join(keys)} ({type(err).__name__}: {err})") from None
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if np.any(ids[1:] == ids[:-1]):
+        raise ValueError("an example id occurs twice")
+    return {"id": ids, **{k: v[order] for k, v in cols.items()}}
+
+
+def _features(metric: str, out: dict[str, np.ndarray], classes: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, k) per-example quantities whose column sums determine the metric (``_metric_of_sums``).
+
+    accuracy: [correct, 1]; macro_f1: [tp, fp, fn] per class of ``classes`` (default: the classes in
+    ``out``); perplexity: [nll, tokens]. A bootstrap resample is then a weighted column sum.
+    """
+    try:
+        if metric == "accuracy":
+            return np.stack([out["pred"] == out["label"], np.ones(len(out["id"]), bool)], 1).astype(np.float64)
+        if metric == "macro_f1":
+            classes = np.union1d(out["label"], out["pred"]) if classes is None else classes
+            pred, gold = out["pred"][:, None] == classes, out["label"][:, None] == classes  # (N, C)
+            return np.stack([pred & gold, pred & ~gold, ~pred & gold], 2).reshape(len(pred), -1).astype(np.float64)
+        if metric in _LM_METRICS:
+            return np.stack([out["nll"], out["tokens"]], 1).astype(np.float64)
+    except KeyError:
+        raise ValueError(f"the test outputs hold no {metric} fields") from None
+    raise ValueError(f"{metric} cannot be recomputed from test outputs")
+
+
+def _metric_of_sums(metric: str, sums: np.ndarray) -> np.ndarray:
+    """The metric from column sums of ``_features`` (shape (..., k)); returns shape (...)."""
+    if metric == "accuracy":
+        return sums[..., 0] / sums[..., 1]
+    if metric == "macro_f1":  # F1 per class seen (in labels or predictions), averaged over those classes
+        s = sums.reshape(*sums.shape[:-1], -1, 3)
+        tp, fp, fn = s[..., 0], s[..., 1], s[..., 2]
+        denom = 2 * tp + fp + fn
+        seen = denom > 0
+        f1 = np.where(seen, 2 * tp / np.maximum(denom, 1), 0.0)
+        return f1.sum(-1) / np.maximum(seen.sum(-1), 1)
+    return np.exp(np.minimum(sums[..., 0] / sums[..., 1], 700.0))  # as peft_lab.training.evaluate caps it
+
+
+def metric_from_outputs(metric: str, rows: list[dict]) -> float:
+    """A run's main metric recomputed from its ``test_outputs.jsonl`` rows (``runfiles.read_outputs``).
+
+    accuracy = mean(pred == label); macro_f1 = mean over the classes seen in labels or predictions of
+    F1 = 2·tp / (2·tp + fp + fn); perplexity / mlm_perplexity = exp(Σ nll / Σ tokens) (nats per token).
+    Raises ValueError when the rows cannot give ``metric``.
+    """
+    out = outputs_arrays(rows)
+    return float(_metric_of_sums(metric, _features(metric, out).sum(0)))
+
+
+# ----------------------------------------------------------------------------- paired bootstrap
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's (1979) step-down adjusted p-values, in the order given.
+
+    The i-th smallest of m p-values is multiplied by (m − i + 1), capped at 1, and made
+    non-decreasing along that order; rejecting where the adjusted p < α controls the
+    family-wise error rate at α. E.g. [0.01, 0.04, 0.03, 0.005] → [0.03, 0.06, 0.06, 0.02].
+    """
+    m = len(pvalues)
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass
+class Comparison:
+    """One row of a dataset column against the column's best row (``compare_column``); metric units.
+
+    ``diff``: observed mean over the paired seeds of metric(row) − metric(best); ``ci_low`` /
+    ``ci_high``: its 95 % bootstrap percentile interval; ``p_value``: two-sided bootstrap p;
+    ``p_holm``: Holm-adjusted over the column. ``mean_ci_low`` / ``mean_ci_high``: the 95 % interval
+    of the row's own mean metric over test-example resamples (seed variance not included).
+    ``vs_best``: best | within_noise | worse | untested (``note`` says why). The names are ``Agg``'s.
+    """
+
+    vs_best: str = "untested"
+    diff: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    p_value: Optional[float] = None
+    p_holm: Optional[float] = None
+    mean_ci_low: Optional[float] = None
+    mean_ci_high: Optional[float] = None
+    paired_seeds: int = 0  # seeds paired with the best row (the best row: its own seeds)
+    test_examples: int = 0  # test examples (LM: blocks) resampled
+    note: str = ""
+
+
+def _resampled_metrics(
+    metric: str, feats: np.ndarray, k: int, reps: int, rng: np.random.Generator, chunk: int = 4_000_000
+) -> np.ndarray:
+    """(reps, K) metric of each of K runs on ``reps`` resamples of the N test examples.
+
+    ``feats``: (N, K·k), the K runs' ``_features`` side by side, rows aligned on example id. Each
+    resample draws N example indices with replacement, the same draw for every run; as
+    multiplicity weights (R, N) it turns into one matrix product. R is chunked to ~``chunk``
+    weights in memory at a time.
+    """
+    n = feats.shape[0]
+    out = np.empty((reps, feats.shape[1] // k))
+    step = max(1, chunk // n)
+    for lo in range(0, reps, step):
+        c = min(step, reps - lo)
+        idx = rng.integers(0, n, size=(c, n)) + (np.arange(c) * n)[:, None]
+        weights = np.bincount(idx.ravel(), minlength=c * n).reshape(c, n).astype(np.float64)
+        out[lo : lo + c] = _metric_of_sums(metric, (weights @ feats).reshape(c, -1, k))
+    return out
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(samples, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+    return float(lo), float(hi)
+
+
+def compare_column(
+    metric: str,
+    outputs: dict[str, dict[int, dict]],
+    best: str,
+    reps: int = BOOTSTRAP_REPS,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Comparison]:
+    """Paired bootstrap of every row of one dataset column against ``best`` (Efron & Tibshirani 1993,
+    ch. 16; Koehn 2004), Holm-corrected over the rows compared (Holm 1979).
+
+    ``outputs[row][seed]``: a run's ``outputs_arrays``. Rows are paired on the seeds both ran and
+    on the test examples, which must be the same ids in every run ("not paired: different test
+    examples" otherwise). Each of ``reps`` iterations resamples the test examples (one draw for all
+    runs) and, with ≥ 2 paired seeds, the seeds, and averages metric(row) − metric(best) over the
+    drawn seeds. p = min(1, 2·min(P(d ≤ 0), P(d ≥ 0))) over the resampled differences d. Seeded
+    (numpy Generator ``seed``): the same inputs give the same numbers.
+    """
+    res = {row: Comparison() for row in outputs}
+    ref = next(iter(outputs[best].values()))["id"]
+    paired = {row: all(np.array_equal(o["id"], ref) for o in runs.values()) for row, runs in outputs.items()}
+    if not paired[best]:
+        for c in res.values():
+            c.note = "not paired: the best row's seeds differ in test examples"
+        return res
+    cols = [(row, s) for row, runs in outputs.items() if paired[row] for s in sorted(runs)]
+    classes = None
+    if metric == "macro_f1":
+        classes = np.unique(np.concatenate([np.r_[outputs[r][s]["label"], outputs[r][s]["pred"]] for r, s in cols]))
+    feats = np.concatenate([_features(metric, outputs[r][s], classes) for r, s in cols], axis=1)
+    k = feats.shape[1] // len(cols)
+    col = {rs: i for i, rs in enumerate(cols)}
+    observed = _metric_of_sums(metric, feats.sum(0).reshape(len(cols), k))  # (K,)
+    boot = _resampled_metrics(metric, feats, k, reps, np.random.default_rng(seed))  # (R, K)
+    seed_rng = np.random.default_rng([seed, 1])
+    for row, runs in outputs.items():
+        c = res[row]
+        if not paired[row]:
+            c.note = "not paired: different test examples"
+            continue
+        c.test_examples = len(ref)
+        c.mean_ci_low, c.mean_ci_high = _interval(boot[:, [col[(row, s)] for s in sorted(runs)]].mean(1))
+        if row == best:
+            c.vs_best, c.paired_seeds = "best", len(runs)
+            continue
+        common = sorted(set(runs) & set(outputs[best]))
+        if not common:
+            c.note = "no seed in common with the best row"
+            continue
+        ours, theirs = [col[(row, s)] for s in common], [col[(best, s)] for s in common]
+        per_seed = boot[:, ours] - boot[:, theirs]  # (R, S)
+        if len(common) > 1:
+            per_seed = np.take_along_axis(per_seed, seed_rng.integers(0, len(common), per_seed.shape), 1)
+        d = per_seed.mean(1)
+        c.paired_seeds = len(common)
+        c.diff = float(np.mean(observed[ours] - observed[theirs]))
+        c.ci_low, c.ci_high = _interval(d)
+        c.p_value = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+    tested = [row for row in outputs if res[row].p_value is not None]
+    for row, p in zip(tested, holm([res[row].p_value for row in tested])):
+        res[row].p_holm = p
+        res[row].vs_best = "within_noise" if p >= ALPHA else "worse"
+    return res
 
 
 # ----------------------------------------------------------------------------- loading
@@ -87,8 +299,10 @@ class Run:
     overrides: list
     metric: Optional[str] = None
     value: Optional[float] = None
+    select_value: Optional[float] = None  # the main metric on the selection split
     trainable_pct: Optional[float] = None
     trainable_params: Optional[int] = None
+    saved_weights: Optional[str] = None  # adapter | head | full_model | none (None: an older record)
     peak_memory_mib: Optional[float] = None
     wall_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -96,13 +310,20 @@ class Run:
     error: str = ""
     row: str = ""
     config: dict = field(default_factory=dict)  # the computation config (runfiles.computation_config)
+    # protocol sweeps: stage1 | stage2 ("" in a plain sweep), the arm of protocol.json, the run's lr
+    stage: str = ""
+    arm: Optional[dict] = None
+    lr: Optional[float] = None
+    in_table: bool = True  # a plain sweep's runs and a protocol's stage-2 runs
+    outputs: Optional[dict] = None  # outputs_arrays of test_outputs.jsonl (completed table runs)
+    outputs_note: str = ""  # why ``outputs`` is None
 
 
 @dataclass
 class Agg:
     row: str
     dataset: str
-    status: str  # a Status value, or "partial" (some seeds completed)
+    status: str  # a Status value, "partial" (some seeds completed) or NO_LR
     metric: Optional[str] = None
     n: int = 0
     n_expected: int = 0
@@ -111,10 +332,24 @@ class Agg:
     std: float = float("nan")  # sample std (ddof=1); nan with one seed
     trainable_pct: Optional[float] = None
     trainable_params: Optional[float] = None
+    saved_weights: Optional[str] = None
     peak_memory_mib: Optional[float] = None
     wall_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
+    lr: Optional[float] = None  # protocol sweeps: the chosen learning rate
+    at_edge: Optional[bool] = None  # ... and whether it is at the end of the grid
+    # the paired comparison with the column's best row (compare_column)
     vs_best: str = ""  # best | within_noise | worse | untested
+    diff: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    p_value: Optional[float] = None
+    p_holm: Optional[float] = None
+    mean_ci_low: Optional[float] = None
+    mean_ci_high: Optional[float] = None
+    paired_seeds: int = 0
+    test_examples: int = 0
+    note: str = ""  # why untested
 
 
 def _mean(xs: list) -> Optional[float]:
@@ -125,7 +360,8 @@ def _mean(xs: list) -> Optional[float]:
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every cell of the sweep: those with a record (metrics.json), plus manifest cells that have none
     (pending). A completed run whose main metric is not a finite number counts as failed: it is never
-    averaged or ranked."""
+    averaged or ranked. In a protocol sweep only stage-2 runs have ``in_table`` (see ``_apply_protocol``).
+    Completed table runs carry their test outputs (``outputs``) or the reason they have none."""
     sweep_dir = Path(sweep_dir)
     runs, seen = [], set()
     for path in sorted(sweep_dir.glob(f"*/{rf.METRICS_FILE}")):
@@ -150,8 +386,10 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 overrides=list(rec.overrides),
                 metric=rec.main_metric,
                 value=rec.value,
+                select_value=rec.select_value,
                 trainable_pct=rec.trainable_pct,
                 trainable_params=rec.trainable_params,
+                saved_weights=rec.saved_weights,
                 peak_memory_mib=mem / 2**20 if mem is not None else None,
                 wall_s=rec.train_wall_s,
                 tokens_per_s=rec.tokens_per_s,
@@ -178,25 +416,108 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 config=c.get("config") or {},
             )  # fmt: skip
         )
-    _label_rows(runs)
+    protocol = rf.read_protocol(sweep_dir)
+    if protocol:
+        runs += _apply_protocol(runs, protocol)
+    _label_rows([r for r in runs if r.in_table], drop=_PROTOCOL_KEYS if protocol else ())
+    arm_rows = {id(r.arm): r.row for r in runs if r.in_table and r.arm is not None}
+    for r in runs:
+        if not r.in_table:  # a stage-1 run takes the row of its arm; any other is outside the protocol
+            r.row = arm_rows.get(id(r.arm), r.method)
+        elif r.status == Status.completed:
+            _attach_outputs(r, sweep_dir / r.run_dir)
     return runs
 
 
-def _variant(r: Run) -> dict:
-    """What a run computed, seed aside, as flat keys: its stored config, else (older records) its overrides."""
+def _apply_protocol(runs: list[Run], protocol: dict) -> list[Run]:
+    """Mark runs by their place in ``protocol.json``: stage-2 runs (an arm's chosen lr × every seed)
+    stay in the table, stage-1 runs and runs of no arm leave it. An arm without a chosen lr
+    (``NO_LR``) or without its stage-2 runs yet gets placeholder runs, one per protocol seed,
+    which are returned (the runs of ``runs`` are changed in place)."""
+    by_name = {r.run_dir: r for r in runs if r.run_dir}
+    for r in runs:
+        r.in_table = False
+    arms = [a for a in protocol.get("arms", []) if isinstance(a, dict)]
+    for arm in arms:
+        for entry in arm.get("stage1") or []:
+            r = by_name.get(_dir_name(entry.get("run_dir")))
+            if r is not None:
+                r.stage, r.arm, r.lr = "stage1", arm, entry.get("lr")
+    seeds = protocol.get("seeds") or [0]
+    added: list[Run] = []
+    for arm in arms:
+        chosen, names = arm.get("chosen_lr"), [_dir_name(n) for n in arm.get("stage2") or []]
+        stage1 = [by_name[n] for e in arm.get("stage1") or [] if (n := _dir_name(e.get("run_dir"))) in by_name]
+        template = stage1[0] if stage1 else None
+        if chosen is not None and names:
+            members = [by_name.get(n) or _placeholder(arm, seeds[i] if i < len(seeds) else i, template, n)
+                       for i, n in enumerate(names)]  # fmt: skip
+        else:  # no lr chosen, or stage 2 not launched yet
+            members = [_placeholder(arm, s, template) for s in seeds]
+        added += [r for r in members if not r.run_dir or r.run_dir not in by_name]
+        for r in members:
+            r.stage, r.arm, r.lr, r.in_table = "stage2", arm, chosen, True
+    return added
+
+
+def _dir_name(run_dir: Any) -> str:
+    """A run dir of protocol.json as the folder name the runs are keyed by (a path is tolerated)."""
+    return Path(str(run_dir or "")).name
+
+
+def _placeholder(arm: dict, seed: Any, template: Optional[Run], name: str = "") -> Run:
+    """A stage-2 run of ``arm`` that has no record: failed (NO_LR) when the arm chose no lr, else pending.
+    ``template``: one of the arm's stage-1 runs, whose config labels the row like its stage-2 runs."""
+    chosen = arm.get("chosen_lr")
+    return Run(
+        str(arm.get("method", "?")),
+        str(arm.get("dataset", "?")),
+        template.model if template else "?",
+        int(seed),
+        Status.failed if chosen is None else Status.pending,
+        list(arm.get("overrides") or []),
+        run_dir=name,
+        error=str(arm.get("problem") or f"{NO_LR}: no stage-1 run completed") if chosen is None else "",
+        config=template.config if template else {},
+    )
+
+
+def _attach_outputs(r: Run, run_dir: Path) -> None:
+    """Load the run's test outputs, checked against its record: they must give the recorded metric."""
+    rows = rf.read_outputs(run_dir)
+    if rows is None:
+        r.outputs_note = NO_OUTPUTS if not (run_dir / rf.TEST_OUTPUTS).exists() else f"unreadable {rf.TEST_OUTPUTS}"
+        return
+    try:
+        out = outputs_arrays(rows)
+        value = float(_metric_of_sums(str(r.metric), _features(str(r.metric), out).sum(0)))
+    except ValueError as err:
+        r.outputs_note = f"{rf.TEST_OUTPUTS}: {err}"
+        return
+    # the evaluation computes the metric from these very rows: only the order of summation may differ
+    if r.value is None or not math.isclose(value, r.value, rel_tol=1e-9, abs_tol=1e-12):
+        r.outputs_note = f"{rf.TEST_OUTPUTS} gives {r.metric} {value:.6g}, metrics.json {r.value}"
+        return
+    r.outputs = out
+
+
+def _variant(r: Run, drop: tuple = ()) -> dict:
+    """What a run computed, seed (and ``drop``) aside, as flat keys: its stored config, else (older records)
+    its overrides."""
     if r.config:
         flat = rf.flatten(r.config)
     else:
         flat = dict(o.lstrip("+").split("=", 1) for o in r.overrides if "=" in o and not o.startswith(_SWEPT_ELSEWHERE))
-    flat.pop("seed", None)
+    for key in ("seed", *drop):
+        flat.pop(key, None)
     return flat
 
 
-def _label_rows(runs: list[Run]) -> None:
+def _label_rows(runs: list[Run], drop: tuple = ()) -> None:
     """Row label = method, plus every config key that takes more than one value among this method's runs
     on one dataset (method.r=16, model.name=tiny, ...). Runs that computed different things therefore
-    never share a row; seeds of one configuration always do."""
-    variants = [_variant(r) for r in runs]
+    never share a row; seeds of one configuration always do. ``drop``: keys left out (a protocol's lr)."""
+    variants = [_variant(r, drop) for r in runs]
     missing = object()
     varying: dict[str, set] = {}
     by_cell: dict[tuple, list[dict]] = {}
@@ -226,55 +547,99 @@ def _label_priority(key: str) -> tuple:
     return 9, key
 
 
+def _row_order(row: str) -> tuple:
+    return _order(row.split(" ")[0], METHOD_ORDER), row
+
+
 def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
-    """(rows, datasets, {(row, dataset): Agg}) with mean ± std over seeds and the noise marks."""
-    rows = sorted(dict.fromkeys(r.row for r in runs), key=lambda row: (_order(row.split(" ")[0], METHOD_ORDER), row))
+    """(rows, datasets, {(row, dataset): Agg}) of the table runs: mean ± std over seeds, and each
+    column's paired comparison with its best row (``compare_column``)."""
+    runs = [r for r in runs if r.in_table]
+    rows = sorted(dict.fromkeys(r.row for r in runs), key=_row_order)
     datasets = sorted(dict.fromkeys(r.dataset for r in runs), key=lambda d: (_order(d, DATASET_ORDER), d))
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.row, r.dataset), []).append(r)
     cells: dict = {}
     for row in rows:
         for ds in datasets:
-            group = [r for r in runs if r.row == row and r.dataset == ds]
-            if not group:
-                continue
-            done = [r for r in group if r.status == Status.completed and r.value is not None]
-            a = Agg(row, ds, Status.pending.value, n=len(done), n_expected=len(group))
-            a.metric = next((r.metric for r in group if r.metric), None)
-            if done:
-                a.status = Status.completed.value if len(done) == len(group) else "partial"
-                a.values = [float(r.value) for r in sorted(done, key=lambda r: r.seed)]
-                a.mean = sum(a.values) / a.n
-                a.std = math.sqrt(sum((v - a.mean) ** 2 for v in a.values) / (a.n - 1)) if a.n > 1 else float("nan")
-                a.trainable_pct = _mean([r.trainable_pct for r in done])
-                a.trainable_params = _mean([r.trainable_params for r in done])
-                a.peak_memory_mib = _mean([r.peak_memory_mib for r in done])
-                a.wall_s = _mean([r.wall_s for r in done])
-                a.tokens_per_s = _mean([r.tokens_per_s for r in done])
-            else:  # the most telling status among the seeds: failed > interrupted > running > requeued > pending
-                for st in (Status.failed, Status.interrupted, Status.running, Status.requeued, Status.pending):
-                    if any(r.status == st for r in group):
-                        a.status = st.value
-                        break
-            cells[(row, ds)] = a
+            group = groups.get((row, ds))
+            if group:
+                cells[(row, ds)] = _agg(row, ds, group)
     for ds in datasets:
-        done = [a for (_, d), a in cells.items() if d == ds and a.n > 0]
-        if not done:
-            continue
-        sign = 1 if lower_is_better(done[0].metric or "") else -1
-        best = min(done, key=lambda a: sign * a.mean)
-        for a in done:
-            if a is best:
-                a.vs_best = "best"
-            else:
-                same = welch_within_noise(a, best)
-                a.vs_best = "untested" if same is None else ("within_noise" if same else "worse")
+        _compare(ds, {row: cells[(row, ds)] for row in rows if (row, ds) in cells}, groups)
     return rows, datasets, cells
+
+
+def _agg(row: str, ds: str, group: list[Run]) -> Agg:
+    done = sorted((r for r in group if r.status == Status.completed and r.value is not None), key=lambda r: r.seed)
+    a = Agg(row, ds, Status.pending.value, n=len(done), n_expected=len(group))
+    a.metric = next((r.metric for r in group if r.metric), None)
+    arm = next((r.arm for r in group if r.arm is not None), None)
+    if arm is not None:
+        a.lr, a.at_edge = arm.get("chosen_lr"), bool(arm.get("at_edge"))
+    if done:
+        a.status = Status.completed.value if len(done) == len(group) else "partial"
+        a.values = [float(r.value) for r in done]
+        a.mean = sum(a.values) / a.n
+        a.std = math.sqrt(sum((v - a.mean) ** 2 for v in a.values) / (a.n - 1)) if a.n > 1 else float("nan")
+        a.trainable_pct = _mean([r.trainable_pct for r in done])
+        a.trainable_params = _mean([r.trainable_params for r in done])
+        a.saved_weights = next((r.saved_weights for r in done if r.saved_weights), None)
+        a.peak_memory_mib = _mean([r.peak_memory_mib for r in done])
+        a.wall_s = _mean([r.wall_s for r in done])
+        a.tokens_per_s = _mean([r.tokens_per_s for r in done])
+    elif arm is not None and arm.get("chosen_lr") is None:
+        a.status, a.note = NO_LR, str(arm.get("problem") or "")
+    else:  # the most telling status among the seeds: failed > interrupted > running > requeued > pending
+        a.status = next(st.value for st in (Status.failed, Status.interrupted, Status.running, Status.requeued,
+                                            Status.pending) if any(r.status == st for r in group))  # fmt: skip
+    return a
+
+
+def _compare(ds: str, column: dict[str, Agg], groups: dict) -> None:
+    """Fill the comparison fields of one dataset column's Aggs: the best row (best mean) and, for the
+    others, the paired bootstrap from the runs' test outputs; rows without them are untested."""
+    done = {row: a for row, a in column.items() if a.n > 0}
+    if not done:
+        return
+    sign = 1 if lower_is_better(next(iter(done.values())).metric or "") else -1
+    best = min(done, key=lambda row: sign * done[row].mean)
+    outputs, notes = {}, {}
+    for row in done:
+        ok = [r for r in groups[(row, ds)] if r.status == Status.completed and r.value is not None]
+        with_outputs = {r.seed: r.outputs for r in ok if r.outputs is not None}
+        if with_outputs:
+            outputs[row] = with_outputs
+        else:
+            notes[row] = next((r.outputs_note for r in ok if r.outputs_note), NO_OUTPUTS)
+    if best in outputs:
+        results = compare_column(done[best].metric or "", outputs, best)
+    else:
+        results = {row: Comparison(note="the best row has no test outputs") for row in outputs}
+    results[best] = results.get(best) or Comparison(note=notes.get(best, ""))
+    results[best].vs_best = "best"
+    for row, a in done.items():
+        c = results.get(row) or Comparison(note=notes.get(row, ""))
+        for f in fields(Comparison):
+            setattr(a, f.name, getattr(c, f.name))
 
 
 # ----------------------------------------------------------------------------- tables
 
 
 def _fmt(v: float, ref: float) -> str:
-    return f"{v:.3f}" if abs(ref) < 10 else f"{v:.2f}"
+    """``v`` with 3 decimals when the column's values are below 10 (accuracy), else 2 (perplexity)."""
+    return (f"{v:.3f}" if abs(ref) < 10 else f"{v:.2f}").replace("-", "−")
+
+
+def _fmt_lr(lr: float) -> str:
+    mantissa, exp = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exp}"
+
+
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else (f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}")
 
 
 def metric_text(a: Agg) -> str:
@@ -286,62 +651,188 @@ def metric_text(a: Agg) -> str:
     return text
 
 
-def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "") -> str:
-    metrics = {ds: next((a.metric for (_, d), a in cells.items() if d == ds and a.metric), "?") for ds in datasets}
-    head = ["method"] + [f"{ds} ({metrics[ds]} {'↓' if lower_is_better(metrics[ds]) else '↑'})" for ds in datasets]
-    lines = [f"# {title}" if title else "# Sweep report", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        out = [row]
-        for ds in datasets:
-            a = cells.get((row, ds))
-            if a is None:
-                out.append("–")
-                continue
-            if a.n == 0:
-                out.append(f"*{a.status}*")
-                continue
-            m = metric_text(a)
-            m = f"**{m}**" if a.vs_best == "best" else (f"≈ {m}" if a.vs_best == "within_noise" else m)
-            seeds = f" (n={a.n})" if a.n > 1 or a.n_expected > 1 else ""
-            if a.n < a.n_expected:
-                seeds = f" (n={a.n} of {a.n_expected})"
-            info = []
-            if a.trainable_pct is not None:
-                info.append(f"{a.trainable_pct:.2f} % trainable")
-            if a.peak_memory_mib is not None:
-                info.append(f"{a.peak_memory_mib:,.0f} MiB")
-            if a.wall_s is not None:
-                info.append(f"{a.wall_s:,.0f} s" if a.wall_s >= 10 else f"{a.wall_s:.1f} s")
-            out.append(f"{m}{seeds}<br>{' · '.join(info)}")
-        lines.append("| " + " | ".join(out) + " |")
-    max_n = max((a.n for a in cells.values()), default=0)
-    lines += [
-        "",
-        "Each cell: main metric (mean ± sample std over seeds; n = seeds), trainable parameters, "
-        "peak memory (CUDA max allocated, or on CPU the process's peak RSS after the model is loaded), training wall time.",
+def _comparison_text(a: Agg) -> str:
+    """The second line's first item: the best row's own interval, a row's Δ to the best, or why untested."""
+    if a.vs_best == "best":
+        return "" if a.mean_ci_low is None else f"95 % [{_fmt(a.mean_ci_low, a.mean)}, {_fmt(a.mean_ci_high, a.mean)}]"
+    if a.diff is not None:
+        p = "p<0.001" if a.p_holm < 0.001 else f"p={a.p_holm:.3f}"
+        sign = "+" if a.diff >= 0 else ""
+        return f"Δ {sign}{_fmt(a.diff, a.mean)} [{_fmt(a.ci_low, a.mean)}, {_fmt(a.ci_high, a.mean)}] {p}"
+    return f"untested: {a.note}" if a.note else "untested"
+
+
+def cell_text(a: Agg) -> str:
+    """A markdown cell: the metric (bold: best, ≈: not distinguishable from it) and seeds, then the
+    comparison, the chosen lr (protocol sweeps), trainable %, peak memory and wall time."""
+    if a.n == 0:
+        return f"*{a.status}*"
+    m = metric_text(a)
+    m = f"**{m}**" if a.vs_best == "best" else (f"≈ {m}" if a.vs_best == "within_noise" else m)
+    seeds = f" (n={a.n})" if a.n > 1 or a.n_expected > 1 else ""
+    if a.n < a.n_expected:
+        seeds = f" (n={a.n} of {a.n_expected})"
+    info = [_comparison_text(a)]
+    if a.lr is not None:
+        info.append(f"lr {_fmt_lr(a.lr)}" + (" (grid edge)" if a.at_edge else ""))
+    if a.trainable_pct is not None:
+        info.append(f"{a.trainable_pct:.2f} % trainable")
+    if a.peak_memory_mib is not None:
+        info.append(f"{a.peak_memory_mib:,.0f} MiB")
+    if a.wall_s is not None:
+        info.append(f"{a.wall_s:,.0f} s" if a.wall_s >= 10 else f"{a.wall_s:.1f} s")
+    info = [i for i in info if i]
+    return f"{m}{seeds}" + (f"<br>{' · '.join(info)}" if info else "")
+
+
+def budget_warnings(rows: list[str], datasets: list[str], cells: dict) -> list[str]:
+    """One line per dataset where the adapter rows' trainable parameters differ by more than
+    ``BUDGET_TOLERANCE`` (max > 1.1 · min): their metrics are then not an equal-budget comparison.
+    Baselines (``saved_weights`` full_model, head or none) are left out of the check."""
+    out = []
+    for ds in datasets:
+        adapters = [a for row in rows if (a := cells.get((row, ds))) is not None and a.n > 0
+                    and a.trainable_params and a.saved_weights in ADAPTER_WEIGHTS]  # fmt: skip
+        if len(adapters) < 2:
+            continue
+        lo = min(adapters, key=lambda a: a.trainable_params)
+        hi = max(adapters, key=lambda a: a.trainable_params)
+        if hi.trainable_params > (1 + BUDGET_TOLERANCE) * lo.trainable_params:
+            out.append(
+                f"⚠ {ds}: trainable parameters differ by more than {BUDGET_TOLERANCE * 100:.0f} % among adapter methods "
+                f"({lo.row} {_fmt_params(lo.trainable_params)}, {hi.row} {_fmt_params(hi.trainable_params)}): "
+                "not an equal-budget comparison"
+            )
+    return out
+
+
+def _footnotes(cells: dict, protocol: bool) -> list[str]:
+    done = [a for a in cells.values() if a.n > 0]
+    chosen_lr = "; the learning rate the protocol chose (stage 1 below)" if protocol else ""
+    lines = [
+        "Each cell: main metric on the test split (mean ± sample std over seeds; n = seeds); then the comparison "
+        f"with the column's best row{chosen_lr}; trainable parameters; peak memory (CUDA max allocated, or on CPU "
+        "the process's peak RSS after the model is loaded); training wall time.",
+        f"**Bold**: best mean per dataset, with the 95 % interval of its metric over test examples. "
+        "Δ = row − best, averaged over the seeds both rows ran (paired bootstrap, Efron & Tibshirani 1993; "
+        f"Koehn 2004): {BOOTSTRAP_REPS} resamples of the test examples (the same examples for both rows) and of "
+        "those seeds; the 95 % percentile interval of Δ and its two-sided p, Holm-corrected over the rows compared "
+        "in the column (Holm 1979). ≈: not distinguishable from the best (adjusted p ≥ 0.05); do not rank these. "
+        "Rows without a mark (adjusted p < 0.05) are worse than the best.",
     ]
-    if max_n > 1:
+    compared = [a for a in done if a.vs_best != "untested" and a.paired_seeds > 0]
+    single = [a for a in compared if a.paired_seeds == 1]
+    if single and len(single) == len(compared):
+        more = "the other seeds have not completed" if any(a.n_expected > 1 for a in done) else "run seed=0,1,2"
         lines.append(
-            "**Bold**: best mean per dataset. ≈: not distinguishable from the best at 5 % (Welch's t-test over "
-            "seeds); do not rank these. Cells with one seed are not tested."
+            "One seed per comparison: the intervals and p-values cover test-example sampling only, not "
+            f"seed-to-seed variance ({more} to include it)."
         )
-    elif max((a.n_expected for a in cells.values()), default=0) > 1:
+    elif single:
         lines.append(
-            "**Bold**: best mean per dataset. At most one seed per cell has completed: differences are untested "
-            "against seed noise until the other seeds finish (re-run the sweep)."
+            "Where a comparison rests on one seed (paired_seeds = 1 in report.csv: "
+            + ", ".join(f"{a.row} × {a.dataset}" for a in single)
+            + "), its interval covers test-example sampling only, not seed-to-seed variance."
         )
-    else:
-        lines.append(
-            "**Bold**: best mean per dataset. One seed per cell: differences are untested against seed noise; "
-            "run with seed=0,1,2 to mark them."
-        )
+    untested: dict[str, list[str]] = {}
+    for a in done:
+        if a.vs_best == "untested" or (a.vs_best == "best" and a.note):
+            untested.setdefault(a.note or "not compared", []).append(f"{a.row} × {a.dataset}")
+    for note, where in untested.items():
+        why = (" (written by runs of this peft_lab: per-example test outputs; re-run older runs to test them)"
+               if note == NO_OUTPUTS else "")  # fmt: skip
+        lines.append(f"Untested, {note}{why}: {'; '.join(where)}.")
     problems = [a for a in cells.values() if a.status != Status.completed.value]
     if problems:
-        lines.append("")
         lines.append(
             "Incomplete: "
-            + "; ".join(f"{a.row} × {a.dataset}: {a.status} ({a.n}/{a.n_expected} seeds)" for a in problems)
+            + "; ".join(
+                f"{a.row} × {a.dataset}: {a.status} ({a.n}/{a.n_expected} seeds)"
+                + (f", {a.note}" if a.note and a.n == 0 else "")
+                for a in problems
+            )
         )
+    return lines
+
+
+def _metric_names(datasets: list[str], cells: dict) -> dict[str, str]:
+    return {ds: next((a.metric for (_, d), a in cells.items() if d == ds and a.metric), "?") for ds in datasets}
+
+
+def _arrow(metric: str) -> str:
+    return "↓" if lower_is_better(metric) else "↑"
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "", protocol: bool = False) -> str:
+    """The main table, the equal-budget warnings under it, and the footnotes."""
+    metrics = _metric_names(datasets, cells)
+    head = ["method"] + [f"{ds} ({metrics[ds]} {_arrow(metrics[ds])})" for ds in datasets]
+    body = [[row] + [cell_text(cells[(row, ds)]) if (row, ds) in cells else "–" for ds in datasets] for row in rows]
+    lines = [f"# {title}" if title else "# Sweep report", ""] + _md_table(head, body)
+    for note in budget_warnings(rows, datasets, cells) + _footnotes(cells, protocol):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def _stage1_points(arm: dict, by_dir: dict[str, Run]) -> list[tuple[float, Optional[float], str]]:
+    """(lr, selection metric or None, status) for each stage-1 entry of ``arm``, sorted by lr. A value
+    missing from protocol.json is taken from the run's record; diverged runs are ``failed``."""
+    points = []
+    for e in arm.get("stage1") or []:
+        r = by_dir.get(_dir_name(e.get("run_dir")))
+        value = e.get("select") if isinstance(e.get("select"), (int, float)) else (r.select_value if r else None)
+        status = str(e.get("status") or (r.status.value if r else Status.pending.value))
+        if status in ("diverged", Status.failed.value) or (r is not None and r.status == Status.failed):
+            status = Status.failed.value
+        ok = status == Status.completed.value and value is not None and math.isfinite(value)
+        points.append((float(e["lr"]), float(value) if ok else None, status))
+    return sorted(points)
+
+
+def _is_chosen(arm: dict, lr: float) -> bool:
+    return arm.get("chosen_lr") is not None and math.isclose(lr, float(arm["chosen_lr"]))
+
+
+def _protocol_arms(protocol: dict, runs: list[Run]) -> dict[str, list[tuple[str, dict]]]:
+    """{dataset: [(row label, arm), ...]} in the table's order; the label is that of the arm's stage-2 runs."""
+    labels = {id(r.arm): r.row for r in runs if r.in_table and r.arm is not None}
+    arms: dict[str, list] = {}
+    for arm in protocol.get("arms", []):
+        if isinstance(arm, dict):
+            arms.setdefault(str(arm.get("dataset")), []).append((labels.get(id(arm), str(arm.get("method"))), arm))
+    order = sorted(arms, key=lambda d: (_order(d, DATASET_ORDER), d))
+    return {ds: sorted(arms[ds], key=lambda la: _row_order(la[0])) for ds in order}
+
+
+def stage1_markdown(protocol: dict, runs: list[Run]) -> str:
+    """One table per dataset: rows = arms (labelled as in the main table), columns = the learning rates
+    tried, value = the selection-split metric of each stage-1 run; the chosen lr in bold."""
+    by_dir = {r.run_dir: r for r in runs if r.run_dir}
+    lines = [
+        "## Stage 1: selection metric per learning rate",
+        "",
+        "Each method's learning rate is chosen on the selection split (one run per lr); **bold**: the chosen "
+        "lr, run with every seed in the table above. (grid edge) there: the best lr is at an end of the grid, "
+        "so the optimum may lie outside it.",
+    ]
+    for ds, arms in _protocol_arms(protocol, runs).items():
+        metric = next((str(a.get("metric")) for _, a in arms if a.get("metric")), "?")
+        lrs = sorted({lr for _, arm in arms for lr, _, _ in _stage1_points(arm, by_dir)})
+        body = []
+        for label, arm in arms:
+            got = {lr: (v, st) for lr, v, st in _stage1_points(arm, by_dir)}
+            row = [label]
+            for lr in lrs:
+                v, st = got.get(lr, (None, ""))
+                text = _fmt(v, v) if v is not None else (st if st == Status.failed.value else f"*{st}*" if st else "–")
+                row.append(f"**{text}**" if _is_chosen(arm, lr) and v is not None else text)
+            body.append(row)
+        lines += ["", f"### {ds} ({metric} on the selection split {_arrow(metric)})", ""]
+        lines += _md_table(["method"] + [f"lr {_fmt_lr(lr)}" for lr in lrs], body)
     return "\n".join(lines) + "\n"
 
 
@@ -352,11 +843,29 @@ CSV_FIELDS = (
     "mean",
     "std",
     "vs_best",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "mean_ci_low",
+    "mean_ci_high",
+    "paired_seeds",
+    "test_examples",
+    "note",
+    "lr",
+    "at_edge",
     "trainable_pct",
+    "trainable_params",
+    "saved_weights",
     "peak_memory_mib",
     "wall_s",
     "tokens_per_s",
 )
+
+
+def _csv_value(v: Any) -> Any:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def table_csv(rows: list[str], datasets: list[str], cells: dict) -> str:
@@ -367,17 +876,16 @@ def table_csv(rows: list[str], datasets: list[str], cells: dict) -> str:
         out: list[Any] = [row]
         for ds in datasets:
             a = cells.get((row, ds))
-            for f in CSV_FIELDS:
-                v = getattr(a, f) if a is not None else ""
-                out.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+            out += ["" if a is None or (v := _csv_value(getattr(a, f))) is None else v for f in CSV_FIELDS]
         w.writerow(out)
     return buf.getvalue()
 
 
 def runs_csv(runs: list[Run]) -> str:
     buf = io.StringIO()
-    cols = ["row", "method", "dataset", "model", "seed", "status", "metric", "value", "trainable_pct",
-            "trainable_params", "peak_memory_mib", "wall_s", "tokens_per_s", "run_dir", "error"]  # fmt: skip
+    cols = ["row", "method", "dataset", "model", "seed", "status", "stage", "lr", "metric", "value", "select_value",
+            "trainable_pct", "trainable_params", "saved_weights", "peak_memory_mib", "wall_s", "tokens_per_s",
+            "run_dir", "error", "outputs_note"]  # fmt: skip
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in runs:
@@ -388,28 +896,41 @@ def runs_csv(runs: list[Run]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
-    """The five figures as matplotlib Figure objects (Agg backend), keyed by PLOTS names."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _axes_per_dataset(datasets: list[str], title: str):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 4), squeeze=False)
+    fig.suptitle(title)
+    return fig, axes[0]
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _metric_label(metric: str, split: str = "") -> str:
+    return f"{metric}{f' on the {split} split' if split else ''} ({'lower' if lower_is_better(metric) else 'higher'} is better)"
+
+
+def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
+    """The five figures as matplotlib Figure objects (Agg backend), keyed by PLOTS names."""
+    plt = _pyplot()
     colors = {row: plt.cm.tab10(i % 10) for i, row in enumerate(rows)}
     done = {k: a for k, a in cells.items() if a.n > 0}
-
-    def metric_label(ds: str) -> str:
-        m = next((a.metric for (_, d), a in cells.items() if d == ds and a.metric), "metric")
-        return f"{m} ({'lower' if lower_is_better(m) else 'higher'} is better)"
-
-    def per_dataset(title: str):
-        fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 4), squeeze=False)
-        fig.suptitle(title)
-        return fig, axes[0]
+    metrics = _metric_names(datasets, cells)
 
     out = {}
     # 1. metric per method x dataset (error bars: sample std over seeds)
-    fig, axes = per_dataset("Main metric per method (error bars: std over seeds)")
+    fig, axes = _axes_per_dataset(datasets, "Main metric per method (error bars: std over seeds)")
     for ax, ds in zip(axes, datasets):
         present = [r for r in rows if (r, ds) in done]
         means = [done[(r, ds)].mean for r in present]
@@ -418,11 +939,11 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
         ax.set_xticks(range(len(present)), present, rotation=30, ha="right")
         ax.set_title(ds)
         ax.set_xlabel("method")
-        ax.set_ylabel(metric_label(ds))
+        ax.set_ylabel(_metric_label(metrics[ds]))
     out["metric_by_method"] = fig
 
     # 2. metric vs trainable parameters
-    fig, axes = per_dataset("Main metric vs trainable parameters")
+    fig, axes = _axes_per_dataset(datasets, "Main metric vs trainable parameters")
     for ax, ds in zip(axes, datasets):
         for r in rows:
             a = done.get((r, ds))
@@ -431,8 +952,8 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
         ax.set_xscale("log")
         ax.set_title(ds)
         ax.set_xlabel("trainable parameters (% of model, log scale)")
-        ax.set_ylabel(metric_label(ds))
-        ax.legend(fontsize="small")
+        ax.set_ylabel(_metric_label(metrics[ds]))
+        _legend(ax)
     out["metric_vs_trainable"] = fig
 
     # 3./4. grouped bars per method, one series per dataset
@@ -448,19 +969,18 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(title="dataset", fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
-        fig.tight_layout()
         return fig
 
     out["peak_memory"] = grouped("peak_memory_mib", "peak memory (MiB)", "Peak memory per method")
     out["throughput"] = grouped("tokens_per_s", "throughput (tokens/s)", "Training throughput per method")
 
     # 5. metric vs wall time, with the Pareto front (faster and better)
-    fig, axes = per_dataset("Main metric vs training wall time (line: Pareto front)")
+    fig, axes = _axes_per_dataset(datasets, "Main metric vs training wall time (line: Pareto front)")
     for ax, ds in zip(axes, datasets):
         pts = [(done[(r, ds)].wall_s, done[(r, ds)].mean, r) for r in rows if (r, ds) in done and done[(r, ds)].wall_s]
         for x, y, r in pts:
             ax.scatter([x], [y], color=colors[r], label=r, s=50)
-        sign = 1 if lower_is_better(next((a.metric for (_, d), a in done.items() if d == ds), "")) else -1
+        sign = 1 if lower_is_better(metrics[ds]) else -1
         front, best = [], math.inf
         for x, y, _ in sorted(pts):
             if sign * y < best:
@@ -470,12 +990,41 @@ def figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
             ax.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
         ax.set_title(ds)
         ax.set_xlabel("training wall time (s)")
-        ax.set_ylabel(metric_label(ds))
-        ax.legend(fontsize="small")
+        ax.set_ylabel(_metric_label(metrics[ds]))
+        _legend(ax)
     out["metric_vs_walltime"] = fig
     for fig in out.values():
         fig.tight_layout()
     return out
+
+
+def protocol_figures(protocol: dict, runs: list[Run]) -> dict:
+    """``select_lr``: the selection-split metric against the learning rate (log scale), one line per arm
+    (labelled with its table row), one subplot per dataset; a star marks the chosen lr."""
+    by_dir = {r.run_dir: r for r in runs if r.run_dir}
+    arms = _protocol_arms(protocol, runs)
+    datasets = list(arms)
+    fig, axes = _axes_per_dataset(datasets, "Stage 1: selection metric per learning rate (★: chosen)")
+    for ax, ds in zip(axes, datasets):
+        tried = set()
+        for label, arm in arms[ds]:
+            points = _stage1_points(arm, by_dir)
+            tried.update(lr for lr, _, _ in points)
+            pts = [(lr, v) for lr, v, _ in points if v is not None]
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label if pts else f"{label}: {NO_LR}")
+            chosen = [(lr, v) for lr, v in pts if _is_chosen(arm, lr)]
+            if chosen:
+                ax.plot(*chosen[0], "*", markersize=16, color=line[0].get_color(), label="_chosen")
+        metric = next((str(a["metric"]) for _, a in arms[ds] if a.get("metric")), "metric")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(tried), [_fmt_lr(lr) for lr in sorted(tried)], rotation=30)
+        ax.minorticks_off()
+        ax.set_title(ds)
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(_metric_label(metric, "selection"))
+        _legend(ax)
+    fig.tight_layout()
+    return {"select_lr": fig}
 
 
 # ----------------------------------------------------------------------------- build
@@ -494,7 +1043,10 @@ def sweep_logger(sweep_dir: Path) -> Optional[dict]:
 
 
 def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path] = None, quiet: bool = False) -> dict:
-    """Write report.md / report.csv / runs.csv / PNGs; log them to W&B when a logger is given. Returns paths."""
+    """Write report.md / report.csv / runs.csv / PNGs; log them to W&B when a logger is given.
+
+    Returns {"markdown", "csv", "runs_csv", <plot name>: path, ...}: the ``PLOTS`` always, the
+    ``PROTOCOL_PLOTS`` only for a protocol sweep (and "wandb_run_id" when logged)."""
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir)
     if not runs:
@@ -504,17 +1056,22 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
             f"no runs found in {sweep_dir} (no */metrics.json and no .cells/manifest.json). "
             "Fix: pass the sweep dir itself (the folder holding one sub-folder per cell)"
         )
+    protocol = rf.read_protocol(sweep_dir)
     rows, datasets, cells = aggregate(runs)
     out_dir = Path(out_dir) if out_dir else sweep_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows, datasets, cells, title=f"Sweep report: {sweep_dir.name}")
+    md = markdown(rows, datasets, cells, title=f"Sweep report: {sweep_dir.name}", protocol=bool(protocol))
+    if protocol:
+        md += "\n" + stage1_markdown(protocol, runs)
     paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "runs_csv": out_dir / "runs.csv"}
     write_atomic(paths["markdown"], md)
     write_atomic(paths["csv"], table_csv(rows, datasets, cells))
     write_atomic(paths["runs_csv"], runs_csv(runs))
-    import matplotlib.pyplot as plt
-
-    for name, fig in figures(rows, datasets, cells).items():
+    plt = _pyplot()
+    figs = figures(rows, datasets, cells)
+    if protocol:
+        figs.update(protocol_figures(protocol, runs))
+    for name, fig in figs.items():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
@@ -525,7 +1082,8 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
         print(f"Report written to {out_dir}", flush=True)
     if logger and logger.get("backend") == "wandb":
         try:
-            paths["wandb_run_id"] = log_to_wandb(sweep_dir, out_dir, logger, runs, rows, datasets, cells)
+            plots = {name: paths[name] for name in figs}
+            paths["wandb_run_id"] = log_to_wandb(sweep_dir, out_dir, logger, runs, rows, datasets, cells, plots)
         except Exception as err:  # the files are the report; W&B is a copy of it
             log.warning(
                 f"report: W&B logging failed ({type(err).__name__}: {err}); the files in {out_dir} are complete"
@@ -533,7 +1091,8 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
     return paths
 
 
-def log_to_wandb(sweep_dir: Path, out_dir: Path, lc: dict, runs, rows, datasets, cells) -> Optional[str]:
+def log_to_wandb(sweep_dir: Path, out_dir: Path, lc: dict, runs, rows, datasets, cells, plots: dict) -> Optional[str]:
+    """The table (``CSV_FIELDS`` per row × dataset) and the ``plots`` PNGs as a ``report`` run of the sweep's group."""
     from omegaconf import OmegaConf
 
     from peft_lab import tracking
@@ -551,16 +1110,10 @@ def log_to_wandb(sweep_dir: Path, out_dir: Path, lc: dict, runs, rows, datasets,
 
     failed = True
     try:
-        cols = ["method", "dataset", "metric", "status", "n", "mean", "std", "vs_best", "trainable_pct",
-                "peak_memory_mib", "wall_s", "tokens_per_s"]  # fmt: skip
-        data = []
-        for (row, ds), a in cells.items():
-            data.append([row, ds, a.metric, a.status, a.n, None if math.isnan(a.mean) else a.mean,
-                         None if math.isnan(a.std) else a.std, a.vs_best, a.trainable_pct, a.peak_memory_mib,
-                         a.wall_s, a.tokens_per_s])  # fmt: skip
-        payload = {"report/table": wandb.Table(columns=cols, data=data)}
-        for name in PLOTS:
-            payload[f"report/{name}"] = wandb.Image(str(out_dir / f"{name}.png"))
+        data = [[row, ds] + [_csv_value(getattr(a, f)) for f in CSV_FIELDS] for (row, ds), a in cells.items()]
+        payload = {"report/table": wandb.Table(columns=["method", "dataset", *CSV_FIELDS], data=data)}
+        for name, path in plots.items():
+            payload[f"report/{name}"] = wandb.Image(str(path))
         tracker.run.log(payload, step=0)
         tracker.summary(
             {"cells": len(cells), "runs": len(runs), "completed_runs": sum(r.status == Status.completed for r in runs)}

@@ -182,7 +182,8 @@ def write_report(sweep_dir: Path) -> None:
         from peft_lab import report
 
         paths = report.build(sweep_dir, report.sweep_logger(sweep_dir), quiet=True)
-        log.info(f"Report: {paths['markdown']} (+ report.csv, runs.csv, {len(report.PLOTS)} plots)")
+        plots = sum(str(p).endswith(".png") for p in paths.values())
+        log.info(f"Report: {paths['markdown']} (+ report.csv, runs.csv, {plots} plots)")
     except Exception as err:
         log.warning(f"report failed ({type(err).__name__}: {err}); run python -m peft_lab.report {sweep_dir}")
 
