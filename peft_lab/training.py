@@ -97,15 +97,17 @@ def evaluate(
     model.eval()
     generator = torch.Generator().manual_seed(1234)  # the same MLM masks in every evaluation
     rows = []
+    # batches of similar lengths pad less; the rows go back to the examples' order below
+    order = sorted(range(len(examples)), key=lambda k: len(examples[k]["input_ids"]))
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
+        chunk = [examples[k] for k in order[i : i + batch_size]]
         batch = _to(collate(chunk, task, tokenizer, generator), device)
         if method is not None:
             method.before_forward(batch, 0, 1, training=False)
         labels = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
-        ids = [e.get("id", i + j) for j, e in enumerate(chunk)]
+        ids = [e.get("id", k) for k, e in zip(order[i : i + batch_size], chunk)]
         if task == "classification":
             rows += [{"id": k, "label": g, "pred": p} for k, g, p in zip(ids, labels.tolist(), logits.argmax(-1).tolist())]
             continue
@@ -114,6 +116,7 @@ def evaluate(
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
         rows += [{"id": k, "nll": n, "tokens": t} for k, n, t in zip(ids, nll.tolist(), (labels != -100).sum(1).tolist())]
     model.train(was_training)
+    rows = [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]
     if outputs is not None:
         outputs.extend(rows)
     if task == "classification":
