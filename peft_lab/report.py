@@ -319,8 +319,11 @@ class Run:
     outputs_note: str = ""  # why ``outputs`` is None
 
 
-@dataclass
-class Agg:
+@dataclass(kw_only=True)
+class Agg(Comparison):
+    """One table cell: a row's runs on one dataset, aggregated over seeds, and (inherited from
+    ``Comparison``) its paired comparison with the column's best row."""
+
     row: str
     dataset: str
     status: str  # a Status value, "partial" (some seeds completed) or NO_LR
@@ -338,18 +341,6 @@ class Agg:
     tokens_per_s: Optional[float] = None
     lr: Optional[float] = None  # protocol sweeps: the chosen learning rate
     at_edge: Optional[bool] = None  # ... and whether it is at the end of the grid
-    # the paired comparison with the column's best row (compare_column)
-    vs_best: str = ""  # best | within_noise | worse | untested
-    diff: Optional[float] = None
-    ci_low: Optional[float] = None
-    ci_high: Optional[float] = None
-    p_value: Optional[float] = None
-    p_holm: Optional[float] = None
-    mean_ci_low: Optional[float] = None
-    mean_ci_high: Optional[float] = None
-    paired_seeds: int = 0
-    test_examples: int = 0
-    note: str = ""  # why untested
 
 
 def _mean(xs: list) -> Optional[float]:
@@ -573,7 +564,7 @@ def aggregate(runs: list[Run]) -> tuple[list[str], list[str], dict]:
 
 def _agg(row: str, ds: str, group: list[Run]) -> Agg:
     done = sorted((r for r in group if r.status == Status.completed and r.value is not None), key=lambda r: r.seed)
-    a = Agg(row, ds, Status.pending.value, n=len(done), n_expected=len(group))
+    a = Agg(row=row, dataset=ds, status=Status.pending.value, n=len(done), n_expected=len(group))
     a.metric = next((r.metric for r in group if r.metric), None)
     arm = next((r.arm for r in group if r.arm is not None), None)
     if arm is not None:

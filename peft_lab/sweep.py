@@ -152,6 +152,9 @@ def write_manifest(sweep_dir: Path, cells: list, launcher: str, **extra: Any) ->
         prev = entries.get(c.name, {})
         same_job = bool(c.job_id) and prev.get("job_id") == c.job_id
         submitted = prev.get("submitted_at") if same_job else (extra.get("submitted_at") if c.job_id else None)
+        if c.skipped and prev:  # done earlier: keep where and how it ran (its job, log and device)
+            entries[c.name] = {**prev, "status": c.status.value, "skipped": True, **stamp}
+            continue
         entries[c.name] = {
             "idx": c.idx,
             "name": c.name,

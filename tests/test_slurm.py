@@ -305,3 +305,27 @@ def test_submitter_dies_status_and_rerun_wait_for_the_live_task(tmp_path, cli_en
     assert m["status"] == "completed" and m["resumed_from_step"] == 0 and m["steps"] == 1500
     final = _status(sweep, cli_env)
     assert final["finished"] and final["cells"][0]["state"] == "completed"
+
+
+def test_select_lr_protocol_runs_each_stage_as_an_array_job_and_reruns_nothing(tmp_path, cli_env):
+    """+protocol=select_lr drives the SLURM launcher: stage 1 (a 2-point grid, seed 0) is one array job,
+    stage 2 (the chosen lr, seed 1; seed 0 reused) another; a re-run submits nothing."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *SLURM, "method=lora", "dataset=sst2", "method.lr_grid=[0.0005,0.002]", "+protocol=select_lr",
+            "seed=0,1", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = train_cli(args, tmp_path, cli_env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (arm,) = json.loads((sweep / "protocol.json").read_text())["arms"]
+    scores = {e["lr"]: read_metrics(sweep / e["run_dir"])["select"]["accuracy"] for e in arm["stage1"]}
+    assert sorted(scores) == [0.0005, 0.002] and scores[arm["chosen_lr"]] == max(scores.values())
+    stage2 = [read_metrics(sweep / name) for name in arm["stage2"]]
+    assert sorted(m["seed"] for m in stage2) == [0, 1] and all(m["status"] == "completed" for m in stage2)
+    assert {m["config"]["method"]["lr"] for m in stage2} == {arm["chosen_lr"]}
+    jobs = {c["name"]: c["job_id"].split("_")[0] for c in json.loads((sweep / ".cells" / "manifest.json").read_text())["cells"]}
+    stage1_jobs = {jobs[e["run_dir"]] for e in arm["stage1"]}
+    seed1 = next(name for name in arm["stage2"] if name.endswith("seed=1"))
+    assert len(stage1_jobs) == 1 and jobs[seed1] not in stage1_jobs  # two array jobs, one per stage
+
+    again = train_cli(args, tmp_path, cli_env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Submitted array job" not in again.stdout + again.stderr
