@@ -248,8 +248,9 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     )
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    with_seed = tracking.seeds_vary(ctx.sweep_dir, record.overrides)
-    name = tracking.run_name(cfg.method.name, ds.name, mc.name, cfg.seed, with_seed)
+    swept = tracking.swept_overrides(ctx.sweep_dir, record.overrides)
+    with_seed = any(o.startswith("seed=") for o in swept)
+    name = tracking.run_name(cfg.method.name, ds.name, mc.name, swept)
     group = tracking.sweep_group(ctx.sweep_dir, cfg.logger.get("group"))
     tags = [cfg.method.name, ds.name, mc.name, task] + ([f"seed{cfg.seed}"] if with_seed else [])
     tracker = tracking.make_tracker(cfg.logger, run_dir, group, name, config, tags)

@@ -166,21 +166,36 @@ def sweep_group(sweep_dir: Optional[Path], explicit: Optional[str]) -> str:
     return _pinned(sweep_dir) or derive_group(sweep_dir)
 
 
-def seeds_vary(sweep_dir: Optional[Path], own_overrides: list[str]) -> bool:
-    """True when the sweep's cells use more than one seed (read from its manifest)."""
+_IN_NAME_ALREADY = ("method", "dataset", "model", "seed")
+_NOT_IN_NAME = ("+protocol", "protocol", "logger", "cluster", "hydra.", "+hydra.")
+
+
+def swept_overrides(sweep_dir: Optional[Path], own_overrides: list[str]) -> list[str]:
+    """This cell's overrides whose key takes more than one value among the sweep's cells (read from
+    its manifest; without one, all of the cell's own overrides), e.g. ``seed=1``, ``method.lr=0.0005``.
+    Keys that cannot change a number (logger, cluster, hydra, the protocol) are left out."""
     if sweep_dir is None:
-        return False
+        return []
     manifest = rf.read_manifest(sweep_dir)
-    if not manifest:
-        return any(o.startswith("seed=") for o in own_overrides)
-    seeds = {
-        o.split("=", 1)[1] for c in manifest.get("cells", []) for o in c.get("overrides", []) if o.startswith("seed=")
-    }
-    return len(seeds) > 1
+    values: dict[str, set] = {}
+    for c in manifest.get("cells", []):
+        for o in c.get("overrides", []):
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    return [
+        o
+        for o in own_overrides
+        if not o.startswith(_NOT_IN_NAME) and (not manifest or len(values.get(o.partition("=")[0], ())) > 1)
+    ]
 
 
-def run_name(method: str, dataset: str, model: str, seed: int, with_seed: bool) -> str:
-    return f"{method}-{dataset}-{model}" + (f"-seed{seed}" if with_seed else "")
+def run_name(method: str, dataset: str, model: str, swept: list[str]) -> str:
+    """The W&B run name: method-dataset-model, then what tells this cell apart from the sweep's others
+    (``swept_overrides``): ``lora-sst2-smollm2-135m-method.lr=0.0005-seed1``."""
+    keys = {o.partition("=")[0]: o.partition("=")[2] for o in swept}
+    extra = [f"{k}={v}" for k, v in keys.items() if k not in _IN_NAME_ALREADY]
+    seed = [f"seed{keys['seed']}"] if "seed" in keys else []
+    return "-".join([method, dataset, model, *extra, *seed])
 
 
 # ----------------------------------------------------------------------------- init

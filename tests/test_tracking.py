@@ -130,7 +130,7 @@ def test_resolve_mode_is_bounded_and_falls_back_offline(monkeypatch):
     assert tracking.resolve_mode("auto") == "offline"
 
 
-def test_seed_in_name_only_when_the_sweep_varies_it(tmp_path):
+def test_seed_and_lr_in_name_only_when_the_sweep_varies_them(tmp_path):
     from peft_lab import tracking
 
     (tmp_path / ".cells").mkdir()
@@ -138,10 +138,15 @@ def test_seed_in_name_only_when_the_sweep_varies_it(tmp_path):
     manifest.write_text(
         json.dumps({"cells": [{"overrides": ["method=lora", "seed=3"]}, {"overrides": ["method=hira", "seed=3"]}]})
     )
-    assert not tracking.seeds_vary(tmp_path, ["method=lora", "seed=3"])
-    manifest.write_text(json.dumps({"cells": [{"overrides": ["seed=0"]}, {"overrides": ["seed=1"]}]}))
-    assert tracking.seeds_vary(tmp_path, ["seed=0"])
-    assert tracking.run_name("lora", "sst2", "tiny", 1, True) == "lora-sst2-tiny-seed1"
+    assert tracking.swept_overrides(tmp_path, ["method=lora", "seed=3"]) == ["method=lora"]
+    assert tracking.run_name("lora", "sst2", "tiny", ["method=lora"]) == "lora-sst2-tiny"
+    cells = [["method=lora", "method.lr=0.0005", "seed=0", "+protocol=select_lr", "logger=none"],
+             ["method=lora", "method.lr=0.0015", "seed=0", "+protocol=select_lr", "logger=none"],
+             ["method=lora", "method.lr=0.0005", "seed=1", "+protocol=select_lr", "logger=none"]]  # fmt: skip
+    manifest.write_text(json.dumps({"cells": [{"overrides": c} for c in cells]}))
+    swept = tracking.swept_overrides(tmp_path, cells[2])
+    assert swept == ["method.lr=0.0005", "seed=1"]  # the protocol's stage-1 runs are told apart by their lr
+    assert tracking.run_name("lora", "sst2", "tiny", swept) == "lora-sst2-tiny-method.lr=0.0005-seed1"
     assert tracking.pin_group(tmp_path, None) == tracking.sweep_group(tmp_path, None)
     assert tracking.pin_group(tmp_path, "mine") == "mine" == tracking.sweep_group(tmp_path, None)
 
