@@ -1,4 +1,4 @@
-"""One sweep cell in its own process: ``python -m peft_lab.cell <state.pkl> <idx> <overrides...>``,
+"""One sweep cell in its own process: ``python -m peft_lab.cell <state.pkl> <idx> <result.json> <overrides...>``,
 or ``forked`` in a process the local launcher's fork server made (libraries already imported).
 
 Started by ``peft_lab.sweep``; rebuilds the cell's config exactly as Hydra's own
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     from peft_lab import runfiles as rf
     from peft_lab.errors import DivergedError, UserError
 
-    state_path, idx, overrides = Path(argv[0]), int(argv[1]), argv[2:]
+    state_path, idx, result_path, overrides = Path(argv[0]), int(argv[1]), Path(argv[2]), argv[3:]
     watch_launcher()
     state = cloudpickle.loads(state_path.read_bytes())
     Singleton.set_state(state["singleton_state"])
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     except (KeyboardInterrupt, SystemExit) as stop:  # a signal: the record already says interrupted
         code = 130 if isinstance(stop, KeyboardInterrupt) else int(stop.code or 143)
         print("peft_lab: interrupted (signal); re-run the sweep to resume this cell", file=sys.stderr, flush=True)
-        rf.write_json_atomic(rf.cell_result(state_path.parent.parent, idx), {"status": "interrupted"})
+        rf.write_json_atomic(result_path, {"status": "interrupted"})
         return code
     result = {"status": "completed" if ret.status == JobStatus.COMPLETED else "failed"}
     if ret.status != JobStatus.COMPLETED:
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
         else:
             traceback.print_exception(type(err), err, err.__traceback__)
         result["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
-    rf.write_json_atomic(rf.cell_result(state_path.parent.parent, idx), result)
+    rf.write_json_atomic(result_path, result)
     return 0 if result["status"] == "completed" else 1
 
 

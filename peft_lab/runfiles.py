@@ -18,7 +18,7 @@ A **run dir** holds::
                           (id, nll, tokens): the report's paired statistics read these
 
 A **sweep dir** holds one run dir per cell plus ``.cells/`` (manifest.json, group.txt,
-cell_<i>.log / cell_<i>.result.json, launcher.pkl), ``summary.md`` / ``summary.csv`` and
+<cell>.log / <cell>.result.json, launcher.pkl), ``summary.md`` / ``summary.csv`` and
 ``report/``, and ``protocol.json`` when a protocol sweeper (``+protocol=select_lr``) ran it.
 
 **Identity.** A cell's run-dir name is derived from its overrides and is injective: a
@@ -71,13 +71,15 @@ def cells_dir(sweep_dir: Path) -> Path:
     return Path(sweep_dir) / CELLS_DIR
 
 
-def cell_log(sweep_dir: Path, idx: int) -> Path:
-    return cells_dir(sweep_dir) / f"cell_{idx}.log"
+def cell_log(sweep_dir: Path, name: str) -> Path:
+    """The local launcher's log of the cell whose run dir is ``name``: one per cell, whatever its index in
+    a launch (indices restart with every launch, and a protocol's stages number their cells in turn)."""
+    return cells_dir(sweep_dir) / f"{name}.log"
 
 
-def cell_result(sweep_dir: Path, idx: int) -> Path:
+def cell_result(sweep_dir: Path, name: str) -> Path:
     """The small file ``python -m peft_lab.cell`` writes when it ends: {status, error}."""
-    return cells_dir(sweep_dir) / f"cell_{idx}.result.json"
+    return cells_dir(sweep_dir) / f"{name}.result.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -442,6 +444,7 @@ NON_COMPUTATIONAL = (
     "train.checkpoint_every",
     "train.save_adapter",
     "train.num_workers",
+    "method.lr_grid",  # what a protocol may try; a run trains with method.lr alone
 )
 
 

@@ -277,7 +277,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     parallel = len(slots)
     pending = [c for c in cells if c.status == Status.pending]
     for cell in pending:
-        cell.log_path = rf.cell_log(sweep_dir, cell.idx)
+        cell.log_path = rf.cell_log(sweep_dir, cell.name)
     log_plan(sweep_dir, cells, f"{parallel} at a time, {slot_note}")
     write_manifest(sweep_dir, cells, "local", finished=False)
 
@@ -388,7 +388,9 @@ def _run_cells(cells: list[Cell], state_path: Path, sweep_dir: Path, slots: list
                     cell.device = slot
                 where = f" on CUDA device {slot}" if slot is not None else ""
                 log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}{where}")
-                argv = [str(state_path), str(cell.idx), *cell.overrides]
+                result = rf.cell_result(sweep_dir, cell.name)
+                result.unlink(missing_ok=True)  # an earlier launch's outcome is not this one's
+                argv = [str(state_path), str(cell.idx), str(result), *cell.overrides]
                 done = threading.Event()
                 if fork:
                     from peft_lab import cell as cell_mod
@@ -460,7 +462,7 @@ def _pump(proc: subprocess.Popen, log_path: Path, echo: bool) -> None:
 
 
 def _collect(cell: Cell, returncode: int, sweep_dir: Path) -> None:
-    result = rf.read_json(rf.cell_result(sweep_dir, cell.idx))
+    result = rf.read_json(rf.cell_result(sweep_dir, cell.name))
     cell.record = rf.read_record(cell.run_dir)
     rec_status = cell.record.status if cell.record else None
     if returncode == 0 and rec_status == Status.completed:

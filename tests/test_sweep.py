@@ -172,8 +172,9 @@ def test_failing_cell_does_not_stop_others_and_two_folders_are_two_cells(run_cli
     failed = next(m for m in _cells(sweep).values() if m["status"] != "completed")
     assert failed["status"] == "failed" and "could not read" in failed["error"] and f"{tmp_path}/x_y" in failed["error"]
     assert len(list(sweep.glob("*/metrics.json"))) == 2
-    assert "1 of 2 cells did not complete" in proc.stderr and "cell_1.log" in proc.stderr
-    assert (sweep / ".cells" / "cell_1.log").read_text().count("peft_lab: error:") == 1
+    log = sweep / ".cells" / f"{Path(failed['run_dir']).name}.log"  # one log per cell, named after its run dir
+    assert "1 of 2 cells did not complete" in proc.stderr and str(log) in proc.stderr
+    assert log.read_text().count("peft_lab: error:") == 1
     rows = sorted(r["status"] for r in csv.DictReader((sweep / "summary.csv").open()))
     assert rows == ["completed", "failed"]
 
