@@ -47,12 +47,14 @@ def check_config(ds: Any) -> None:
     classification dataset without labels, ``data_dir`` together with
     ``source=synthetic``, a local folder missing a split).
     """
+    carving = {"select_size": ds.select_split is None, "max_test_samples": ds.test_split is None}
     for key in ("max_train_samples", "max_test_samples", "select_size"):
         value = getattr(ds, key)
         if value is not None and value <= 0:
             raise fail(
                 f"dataset.{key}={value} is not a positive number of samples",
-                f"give a positive integer, or dataset.{key}=null to use the whole split",
+                "give a positive integer"
+                + ("" if carving.get(key) else f", or dataset.{key}=null to use the whole split"),
             )
     if ds.task == "classification" and not ds.label_column:
         raise fail(f"dataset '{ds.name}' is a classification task without a label column", "set dataset.label_column")

@@ -64,6 +64,8 @@ class Arm:
     stage1: list[dict] = field(default_factory=list)  # {"lr", "run_dir", "status", "failure", "select"}
     chosen_lr: Optional[float] = None
     at_edge: bool = False
+    flat: bool = False  # every lr scored the same: the grid told nothing (the first lr is taken)
+    trains: bool = True  # False: the method trains nothing here (one grid point; the zero-shot row)
     problem: str = ""  # why nothing was chosen
     stage2: list[str] = field(default_factory=list)  # run-dir names
 
@@ -111,7 +113,8 @@ def expand(parsed: list) -> tuple[list[list[str]], list[str]]:
 def plan_arms(sweeper: Any, arms: list[list[str]]) -> list[Arm]:
     """Compose each arm's config (as its cells will be composed) to read its grid, metric and task.
     Refuses (exit 2) an arm whose config does not compose or whose method has no ``lr_grid``."""
-    from peft_lab import models
+    from peft_lab import data, models
+    from peft_lab.errors import UserError
     from peft_lab.methods import get_method_class
     from peft_lab.run import main_metric_name
 
@@ -122,19 +125,27 @@ def plan_arms(sweeper: Any, arms: list[list[str]]) -> list[Arm]:
         except Exception as err:
             _refuse(f"the arm '{' '.join(overrides)}' does not compose: {err}".replace("\n", " "),
                     "fix that override")  # fmt: skip
-        task = models.resolve_task(cfg.model, plain(cfg.dataset.task))
-        method = get_method_class(str(cfg.method.name))(cfg.method, cfg.model, task)
+        where = f"arm '{Arm(list(overrides), '', '', '', False, []).name}'"
+        try:  # the cells' own start-up checks, once per arm, before anything is launched
+            data.check_config(cfg.dataset)
+            models.check_config(cfg.model)
+            task = models.resolve_task(cfg.model, plain(cfg.dataset.task))
+            method = get_method_class(str(cfg.method.name))(cfg.method, cfg.model, task)
+            method.validate()
+        except UserError as err:
+            problem, _, fix = str(err).partition(" Fix: ")
+            _refuse(f"{where}: {problem}", fix.rstrip(".") or "fix that override")
         grid = [float(x) for x in (cfg.method.get("lr_grid") or [])]
         if not method.trains():
             grid = [float(cfg.method.lr)]  # nothing trains: the lr changes nothing
         if not grid:
-            _refuse(f"method '{cfg.method.name}' has an empty method.lr_grid (arm '{' '.join(overrides)}')",
-                    "set method.lr_grid=[...] for it")  # fmt: skip
-        if len(set(grid)) < len(grid):
-            _refuse(f"method.lr_grid={grid} repeats a value", "list each learning rate once")
+            _refuse(f"{where}: method '{cfg.method.name}' has an empty method.lr_grid", "set method.lr_grid=[...] for it")
+        if len(set(grid)) < len(grid) or any(not lr > 0 for lr in grid):
+            _refuse(f"{where}: method.lr_grid={grid} must list distinct positive learning rates",
+                    "list each learning rate once, each > 0")  # fmt: skip
         metric = main_metric_name(cfg.dataset, task)
         planned.append(Arm(list(overrides), str(cfg.method.name), str(cfg.dataset.name), metric,
-                           "perplexity" in metric, grid))  # fmt: skip
+                           "perplexity" in metric, grid, trains=method.trains()))  # fmt: skip
     return planned
 
 
@@ -158,8 +169,9 @@ def choose(arm: Arm, sweep_dir: Path) -> None:
     sign = 1 if arm.lower_is_better else -1
     best = min(scored, key=lambda e: sign * e["select"])  # min keeps the first of equals: grid order
     arm.chosen_lr = best["lr"]
+    arm.flat = len(scored) > 1 and len({e["select"] for e in scored}) == 1
     ordered = sorted(arm.grid)
-    arm.at_edge = len(ordered) > 1 and arm.chosen_lr in (ordered[0], ordered[-1])
+    arm.at_edge = not arm.flat and len(ordered) > 1 and arm.chosen_lr in (ordered[0], ordered[-1])
 
 
 def write(sweep_dir: Path, arms: list[Arm], seeds: list[str], stage: str) -> None:
@@ -181,6 +193,8 @@ def write(sweep_dir: Path, arms: list[Arm], seeds: list[str], stage: str) -> Non
                     "stage1": a.stage1,
                     "chosen_lr": a.chosen_lr,
                     "at_edge": a.at_edge,
+                    "flat": a.flat,
+                    "trains": a.trains,
                     "problem": a.problem,
                     "stage2": a.stage2,
                 }
@@ -201,12 +215,12 @@ def sweep(sweeper: Any, arguments: list[str]) -> list:
 
     config = sweeper.config
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, sweep_dir / rf.MULTIRUN_YAML)
     parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
     arm_overrides, seeds = expand(parser.parse_overrides(list(arguments)))
     seeds = seeds or [str(config.seed)]
-    arms = plan_arms(sweeper, arm_overrides)
+    arms = plan_arms(sweeper, arm_overrides)  # refuses (exit 2) before anything is written
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / rf.MULTIRUN_YAML)
     sweeper.launcher.driven_by_sweeper = True  # a diverged lr is a stage-1 result, not the sweep's end
 
     stage1 = [(a, lr) for a in arms for lr in a.grid]
@@ -216,12 +230,15 @@ def sweep(sweeper: Any, arguments: list[str]) -> list:
     )
     write(sweep_dir, arms, seeds, "1")
     returns1 = sweeper.launcher.launch([a.cell(lr, seeds[0]) for a, lr in stage1], initial_job_idx=0)
+    summary1 = _read_summary(sweep_dir)
     for (arm, lr), name in zip(stage1, _names(returns1)):
         arm.stage1.append({"lr": lr, "run_dir": name})
     for arm in arms:
         choose(arm, sweep_dir)
         if arm.chosen_lr is not None:
             edge = " (at the grid's edge: widen method.lr_grid)" if arm.at_edge else ""
+            if arm.flat:
+                edge = " (every lr scored the same on the selection split: the grid told nothing; the first is taken)"
             log.info(f"{arm.name}: chosen {LR_KEY}={arm.chosen_lr:g}{edge}")
         else:
             log.warning(f"{arm.name}: {arm.problem}")
@@ -235,6 +252,7 @@ def sweep(sweeper: Any, arguments: list[str]) -> list:
         for (arm, _), name in zip(stage2, _names(returns2)):
             arm.stage2.append(name)
     write(sweep_dir, arms, seeds, "done")
+    _join_summaries(sweep_dir, summary1, _read_summary(sweep_dir) if stage2 else None)
     _report(sweep_dir)
 
     from hydra.core.utils import JobStatus
@@ -250,6 +268,25 @@ def sweep(sweeper: Any, arguments: list[str]) -> list:
         )  # fmt: skip
         sys.exit(1)
     return [returns1, returns2]
+
+
+def _read_summary(sweep_dir: Path) -> tuple[str, str]:
+    """The launcher's summary.md / summary.csv of the stage that just ran (each launch rewrites them)."""
+    return tuple((sweep_dir / name).read_text() if (sweep_dir / name).exists() else "" for name in (rf.SUMMARY_MD, rf.SUMMARY_CSV))
+
+
+def _join_summaries(sweep_dir: Path, stage1: tuple[str, str], stage2: Optional[tuple[str, str]]) -> None:
+    """summary.md / summary.csv of both stages (a ``stage`` column in the CSV), not only the last launch's."""
+    md = "# Stage 1: each lr of each grid, first seed\n\n" + stage1[0].lstrip("# ")
+    md += "\n# Stage 2: the chosen lr, every seed\n\n" + (stage2[0].lstrip("# ") if stage2 else "nothing to run\n")
+    rf.write_atomic(sweep_dir / rf.SUMMARY_MD, md)
+    lines = []
+    for stage, text in (("1", stage1[1]), ("2", stage2[1] if stage2 else "")):
+        rows = text.splitlines()
+        if rows and not lines:
+            lines.append("stage," + rows[0])
+        lines += [f"{stage},{row}" for row in rows[1:]]
+    rf.write_atomic(sweep_dir / rf.SUMMARY_CSV, "\n".join(lines) + "\n")
 
 
 def _report(sweep_dir: Path) -> None:

@@ -341,6 +341,7 @@ class Agg(Comparison):
     tokens_per_s: Optional[float] = None
     lr: Optional[float] = None  # protocol sweeps: the chosen learning rate
     at_edge: Optional[bool] = None  # ... and whether it is at the end of the grid
+    lr_note: str = ""  # "grid edge" | "flat grid" (every lr scored the same) | "nothing trains" (zero-shot)
 
 
 def _mean(xs: list) -> Optional[float]:
@@ -569,6 +570,8 @@ def _agg(row: str, ds: str, group: list[Run]) -> Agg:
     arm = next((r.arm for r in group if r.arm is not None), None)
     if arm is not None:
         a.lr, a.at_edge = arm.get("chosen_lr"), bool(arm.get("at_edge"))
+        a.lr_note = ("nothing trains" if arm.get("trains") is False else "flat grid" if arm.get("flat")
+                     else "grid edge" if a.at_edge else "")  # fmt: skip
     if done:
         a.status = Status.completed.value if len(done) == len(group) else "partial"
         a.values = [float(r.value) for r in done]
@@ -664,8 +667,10 @@ def cell_text(a: Agg) -> str:
     if a.n < a.n_expected:
         seeds = f" (n={a.n} of {a.n_expected})"
     info = [_comparison_text(a)]
-    if a.lr is not None:
-        info.append(f"lr {_fmt_lr(a.lr)}" + (" (grid edge)" if a.at_edge else ""))
+    if a.lr_note == "nothing trains":
+        info.append("zero-shot: nothing trains")
+    elif a.lr is not None:
+        info.append(f"lr {_fmt_lr(a.lr)}" + (f" ({a.lr_note})" if a.lr_note else ""))
     if a.trainable_pct is not None:
         info.append(f"{a.trainable_pct:.2f} % trainable")
     if a.peak_memory_mib is not None:
@@ -758,12 +763,26 @@ def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
-def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "", protocol: bool = False) -> str:
-    """The main table, the equal-budget warnings under it, and the footnotes."""
+def setup_line(runs: list[Run]) -> str:
+    """What the table was computed on: the models, where the data came from and how much was trained on,
+    so a smoke report (tiny model, synthetic data) cannot pass for a real one."""
+    def values(key: str) -> str:
+        found = sorted({str(rf.flatten(r.config).get(key)) for r in runs if r.config and key in rf.flatten(r.config)})
+        return ", ".join(found) or "?"
+
+    models = ", ".join(sorted({r.model for r in runs if r.model and r.model != "?"})) or "?"
+    return (f"Model: {models} · dataset.source: {values('dataset.source')} · dataset.max_train_samples: "
+            f"{values('dataset.max_train_samples')} (None: all) · seeds: {len({r.seed for r in runs})}")  # fmt: skip
+
+
+def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "", protocol: bool = False,
+             setup: str = "") -> str:  # fmt: skip
+    """The main table (under a line saying what it was computed on), the equal-budget warnings under it,
+    and the footnotes."""
     metrics = _metric_names(datasets, cells)
     head = ["method"] + [f"{ds} ({metrics[ds]} {_arrow(metrics[ds])})" for ds in datasets]
     body = [[row] + [cell_text(cells[(row, ds)]) if (row, ds) in cells else "–" for ds in datasets] for row in rows]
-    lines = [f"# {title}" if title else "# Sweep report", ""] + _md_table(head, body)
+    lines = [f"# {title}" if title else "# Sweep report", ""] + ([setup, ""] if setup else []) + _md_table(head, body)
     for note in budget_warnings(rows, datasets, cells) + _footnotes(cells, protocol):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -771,14 +790,14 @@ def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "",
 
 def _stage1_points(arm: dict, by_dir: dict[str, Run]) -> list[tuple[float, Optional[float], str]]:
     """(lr, selection metric or None, status) for each stage-1 entry of ``arm``, sorted by lr. A value
-    missing from protocol.json is taken from the run's record; diverged runs are ``failed``."""
+    missing from protocol.json is taken from the run's record; a failed run is ``diverged`` or ``failed``."""
     points = []
     for e in arm.get("stage1") or []:
         r = by_dir.get(_dir_name(e.get("run_dir")))
         value = e.get("select") if isinstance(e.get("select"), (int, float)) else (r.select_value if r else None)
         status = str(e.get("status") or (r.status.value if r else Status.pending.value))
         if status in ("diverged", Status.failed.value) or (r is not None and r.status == Status.failed):
-            status = Status.failed.value
+            status = "diverged" if e.get("failure") == "diverged" else Status.failed.value
         ok = status == Status.completed.value and value is not None and math.isfinite(value)
         points.append((float(e["lr"]), float(value) if ok else None, status))
     return sorted(points)
@@ -808,7 +827,8 @@ def stage1_markdown(protocol: dict, runs: list[Run]) -> str:
         "",
         "Each method's learning rate is chosen on the selection split (one run per lr); **bold**: the chosen "
         "lr, run with every seed in the table above. (grid edge) there: the best lr is at an end of the grid, "
-        "so the optimum may lie outside it.",
+        "so the optimum may lie outside it; (flat grid): every lr scored the same, so the grid told nothing "
+        "and the first lr was taken; diverged: that lr is too high and out of the running.",
     ]
     for ds, arms in _protocol_arms(protocol, runs).items():
         metric = next((str(a.get("metric")) for _, a in arms if a.get("metric")), "?")
@@ -819,7 +839,8 @@ def stage1_markdown(protocol: dict, runs: list[Run]) -> str:
             row = [label]
             for lr in lrs:
                 v, st = got.get(lr, (None, ""))
-                text = _fmt(v, v) if v is not None else (st if st == Status.failed.value else f"*{st}*" if st else "–")
+                text = _fmt(v, v) if v is not None else (st if st in ("diverged", Status.failed.value)
+                                                          else f"*{st}*" if st else "–")  # fmt: skip
                 row.append(f"**{text}**" if _is_chosen(arm, lr) and v is not None else text)
             body.append(row)
         lines += ["", f"### {ds} ({metric} on the selection split {_arrow(metric)})", ""]
@@ -846,6 +867,7 @@ CSV_FIELDS = (
     "note",
     "lr",
     "at_edge",
+    "lr_note",
     "trainable_pct",
     "trainable_params",
     "saved_weights",
@@ -1051,7 +1073,8 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
     rows, datasets, cells = aggregate(runs)
     out_dir = Path(out_dir) if out_dir else sweep_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows, datasets, cells, title=f"Sweep report: {sweep_dir.name}", protocol=bool(protocol))
+    md = markdown(rows, datasets, cells, title=f"Sweep report: {sweep_dir.name}", protocol=bool(protocol),
+                  setup=setup_line(runs))  # fmt: skip
     if protocol:
         md += "\n" + stage1_markdown(protocol, runs)
     paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "runs_csv": out_dir / "runs.csv"}

@@ -70,6 +70,8 @@ def main(cfg: DictConfig) -> Optional[float]:
     exit 1, each with one ``peft_lab: error:`` line; in a sweep the launcher reports them."""
     ctx = context_from_hydra()
     try:
+        if not ctx.multirun:
+            _check_no_sweeper_alone()
         return execute(cfg, ctx)
     except (KeyboardInterrupt, SystemExit) as stop:
         if ctx.multirun or (isinstance(stop, SystemExit) and not isinstance(stop.code, int)):
@@ -85,6 +87,19 @@ def main(cfg: DictConfig) -> Optional[float]:
             log.error(str(err))
         print(f"peft_lab: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(err, UserError) else 1)
+
+
+def _check_no_sweeper_alone() -> None:
+    """A protocol sweeper (``+protocol=select_lr``) only acts in a ``-m`` sweep: a single run with it would
+    train at ``method.lr`` and look like the protocol's result. Raises UserError."""
+    from hydra.core.hydra_config import HydraConfig
+
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    if target.endswith("SelectLrSweeper"):
+        raise fail(
+            "+protocol=select_lr chooses the learning rate over a sweep, but this is a single run (no -m)",
+            "add -m: python train.py -m ... +protocol=select_lr",
+        )
 
 
 def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:

@@ -58,13 +58,31 @@ def test_select_lr_protocol_chooses_on_selection_reports_test_and_reruns_nothing
     assert {p: p.read_bytes() for p in sweep.glob("*/metrics.json")} == before
 
 
-def test_protocol_refuses_a_learning_rate_on_the_command_line(run_cli, tmp_path):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["method.lr=0.1"], "chooses it from method.lr_grid"),
+        (["method.lr_grid=[-0.1,0.001]"], "must list distinct positive learning rates"),
+        (["method.lr_grid=[]"], "empty method.lr_grid"),
+        (["dataset.select_size=0"], "dataset.select_size=0 is not a positive number"),  # a cell's start-up check
+    ],
+)
+def test_protocol_refuses_before_launching_anything(args, message, run_cli, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "method=lora", "dataset=sst2", "experiment=smoke", "logger=none", "+protocol=select_lr",
-                   "method.lr=0.1", f"hydra.sweep.dir={sweep}")  # fmt: skip
-    assert proc.returncode == 2
-    assert "chooses it from method.lr_grid" in proc.stderr and "Nothing was launched" in proc.stderr
-    assert not list(sweep.glob("*/metrics.json"))
+                   *args, f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Nothing was launched" in proc.stderr
+    assert not sweep.exists()  # not even multirun.yaml
+
+
+def test_protocol_without_a_sweep_is_refused(run_cli, tmp_path):
+    """Without -m no sweeper runs: a single run at method.lr must not pass for the protocol's result."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("method=lora", "dataset=sst2", "experiment=smoke", "logger=none", "+protocol=select_lr",
+                   f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert proc.returncode == 2 and "add -m" in proc.stderr
+    assert not (run_dir / "metrics.json").exists()
 
 
 def test_protocol_does_not_choose_from_an_incomplete_grid(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ class Method:
     # -- start-up -----------------------------------------------------------
     def validate(self) -> None:
         """Start-up checks that need no weights (runs before torch is imported). Raises UserError."""
+        check_lr(self.cfg.lr)
         self.target_modules()
 
     def target_modules(self) -> list[str]:
@@ -130,6 +131,14 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def check_lr(lr: float) -> None:
+    """A learning rate must be a positive finite number (``method.lr``); raises UserError."""
+    import math
+
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise fail(f"method.lr={lr} is not a positive learning rate", "give a number > 0, e.g. method.lr=5e-4")
 
 
 def make_peft_model(model: Any, peft_config: Any) -> Any:

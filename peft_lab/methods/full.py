@@ -22,6 +22,7 @@ from typing import Any, List
 
 from peft_lab.errors import fail
 from peft_lab.methods.base import Method as BaseMethod
+from peft_lab.methods.base import check_lr
 from peft_lab.schemas import MethodConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Method(BaseMethod):
 
     def validate(self) -> None:
         """No target modules needed; a ``method.target_modules`` given anyway is ignored, with a warning."""
+        check_lr(self.cfg.lr)
         if self.cfg.target_modules:
             log.warning(
                 f"method.target_modules={list(self.cfg.target_modules)} is ignored: method=full trains every weight"

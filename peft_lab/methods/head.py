@@ -23,6 +23,7 @@ from typing import Any, List
 
 from peft_lab.errors import fail
 from peft_lab.methods.base import Method as BaseMethod
+from peft_lab.methods.base import check_lr
 from peft_lab.schemas import MethodConfig
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Method(BaseMethod):
 
     def validate(self) -> None:
         """Classification needs ``model.cls_head_modules``; a ``method.target_modules`` is ignored, with a warning."""
+        check_lr(self.cfg.lr)
         if self.cfg.target_modules:
             log.warning(
                 f"method.target_modules={list(self.cfg.target_modules)} is ignored: method=head trains the head"
