@@ -68,3 +68,24 @@ def test_wikitext2_raw_config_under_env_root_names_the_missing_split(run_cli, tm
         *TINY, "dataset=wikitext2", f"hydra.run.dir={tmp_path / 'run'}", env={"PEFT_LAB_DATA_ROOT": str(SHARED_DATA)}
     )
     assert proc.returncode == 2 and "split 'train' not found" in proc.stderr
+
+
+def test_imdb_train_only_folder_carves_selection_and_test_from_train(run_cli, tmp_path):
+    """The staged IMDB holds train alone: selection and test are carved from it, disjoint from training."""
+    if not (SHARED_DATA / "imdb").is_dir():
+        pytest.skip("no staged IMDB")
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        *TINY,
+        "dataset=imdb",
+        "dataset.test_split=null",
+        "dataset.max_test_samples=8",
+        "dataset.max_train_samples=16",
+        f"hydra.run.dir={run_dir}",
+        env={"PEFT_LAB_DATA_ROOT": str(SHARED_DATA)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = read_metrics(run_dir)
+    assert m["status"] == "completed" and m["train_examples"] == 16
+    assert m["select_examples"] == 4 and m["test_examples"] == 8
+    assert m["select_source"].startswith("carved from train") and m["test_source"].startswith("carved from train")
