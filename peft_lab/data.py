@@ -257,7 +257,10 @@ def load_splits(ds: Any) -> Splits:
     order = list(range(len(train)))
     random.Random(ds.subset_seed).shuffle(order)
     start = 0
-    for part, split, size in (("select", ds.select_split, ds.select_size), ("test", ds.test_split, ds.max_test_samples)):
+    for part, split, size in (
+        ("select", ds.select_split, ds.select_size),
+        ("test", ds.test_split, ds.max_test_samples),
+    ):
         if split is None:
             parts[part] = sorted(order[start : start + size])
             start += size

@@ -139,7 +139,9 @@ def plan_arms(sweeper: Any, arms: list[list[str]]) -> list[Arm]:
         if not method.trains():
             grid = [float(cfg.method.lr)]  # nothing trains: the lr changes nothing
         if not grid:
-            _refuse(f"{where}: method '{cfg.method.name}' has an empty method.lr_grid", "set method.lr_grid=[...] for it")
+            _refuse(
+                f"{where}: method '{cfg.method.name}' has an empty method.lr_grid", "set method.lr_grid=[...] for it"
+            )
         if len(set(grid)) < len(grid) or any(not lr > 0 for lr in grid):
             _refuse(f"{where}: method.lr_grid={grid} must list distinct positive learning rates",
                     "list each learning rate once, each > 0")  # fmt: skip
@@ -158,7 +160,9 @@ def choose(arm: Arm, sweep_dir: Path) -> None:
         entry["failure"] = rec.failure if rec else None
         entry["select"] = rec.select_value if rec else None
         if entry["select"] is None and entry["failure"] != "diverged":
-            missing.append(f"lr {entry['lr']:g}: {entry['status']}" + (f" ({entry['failure']})" if entry["failure"] else ""))
+            missing.append(
+                f"lr {entry['lr']:g}: {entry['status']}" + (f" ({entry['failure']})" if entry["failure"] else "")
+            )
     scored = [e for e in arm.stage1 if e["select"] is not None]
     if missing:
         arm.problem = f"stage 1 is incomplete ({'; '.join(missing)}): no lr chosen"
@@ -272,7 +276,10 @@ def sweep(sweeper: Any, arguments: list[str]) -> list:
 
 def _read_summary(sweep_dir: Path) -> tuple[str, str]:
     """The launcher's summary.md / summary.csv of the stage that just ran (each launch rewrites them)."""
-    return tuple((sweep_dir / name).read_text() if (sweep_dir / name).exists() else "" for name in (rf.SUMMARY_MD, rf.SUMMARY_CSV))
+    return tuple(
+        (sweep_dir / name).read_text() if (sweep_dir / name).exists() else ""
+        for name in (rf.SUMMARY_MD, rf.SUMMARY_CSV)
+    )
 
 
 def _join_summaries(sweep_dir: Path, stage1: tuple[str, str], stage2: Optional[tuple[str, str]]) -> None:

@@ -766,6 +766,7 @@ def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
 def setup_line(runs: list[Run]) -> str:
     """What the table was computed on: the models, where the data came from and how much was trained on,
     so a smoke report (tiny model, synthetic data) cannot pass for a real one."""
+
     def values(key: str) -> str:
         found = sorted({str(rf.flatten(r.config).get(key)) for r in runs if r.config and key in rf.flatten(r.config)})
         return ", ".join(found) or "?"

@@ -248,7 +248,9 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     gc.collect()
     metrics.reset_peak_memory(device)  # the peak covers training + evaluation, not the loading transient
     record.model_source, record.base_model_folder = loaded.source, loaded.folder
-    record.data_source, record.select_source, record.test_source = (splits.sources[k] for k in ("train", "select", "test"))
+    record.data_source, record.select_source, record.test_source = (
+        splits.sources[k] for k in ("train", "select", "test")
+    )
     record.train_examples, record.select_examples, record.test_examples = len(train_ex), len(select_ex), len(test_ex)
     _set_fields(record, metrics.count_parameters(model))
     record.saved_weights = method.saved_weights
@@ -323,7 +325,9 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.select_metric_value = record.select.get(main_metric)
     for split, v in (("test", value), ("selection", record.select_metric_value)):
         if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise RuntimeError(f"the {split} split gave {main_metric} = {v} (not a finite number); the run is not a result")
+            raise RuntimeError(
+                f"the {split} split gave {main_metric} = {v} (not a finite number); the run is not a result"
+            )
     rf.write_outputs(run_dir, test_outputs)
     record.train_wall_s = result.wall_s
     record.step_time_median_s = statistics.median(result.step_times) if result.step_times else None

@@ -109,12 +109,16 @@ def evaluate(
             logits = model(**batch).logits.float()
         ids = [e.get("id", k) for k, e in zip(order[i : i + batch_size], chunk)]
         if task == "classification":
-            rows += [{"id": k, "label": g, "pred": p} for k, g, p in zip(ids, labels.tolist(), logits.argmax(-1).tolist())]
+            rows += [
+                {"id": k, "label": g, "pred": p} for k, g, p in zip(ids, labels.tolist(), logits.argmax(-1).tolist())
+            ]
             continue
         if task == "causal_lm":
             logits, labels = logits[:, :-1], labels[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
-        rows += [{"id": k, "nll": n, "tokens": t} for k, n, t in zip(ids, nll.tolist(), (labels != -100).sum(1).tolist())]
+        rows += [
+            {"id": k, "nll": n, "tokens": t} for k, n, t in zip(ids, nll.tolist(), (labels != -100).sum(1).tolist())
+        ]
     model.train(was_training)
     rows = [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]
     if outputs is not None:

@@ -567,3 +567,13 @@ def test_sparselora_compact_mlp_kernels_equal_masked_dense_lora_layers():
     assert torch.allclose(_linear_rows(gate, x, sel), gate(x)[:, sel], atol=1e-6)
     h = torch.randn(10, 48)
     assert torch.allclose(_linear_cols(down, h[:, sel], sel), down(h * mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["full", "head"])
+def test_baselines_refuse_target_modules_they_would_ignore(name, compose):
+    from peft_lab.errors import UserError
+    from peft_lab.methods import get_method_class
+
+    cfg = compose("model=tiny", f"method={name}", "dataset=sst2", "method.target_modules=[q_proj]")
+    with pytest.raises(UserError, match="does not apply"):
+        get_method_class(name)(cfg.method, cfg.model, "classification").validate()

@@ -321,7 +321,10 @@ def test_select_lr_protocol_runs_each_stage_as_an_array_job_and_reruns_nothing(t
     stage2 = [read_metrics(sweep / name) for name in arm["stage2"]]
     assert sorted(m["seed"] for m in stage2) == [0, 1] and all(m["status"] == "completed" for m in stage2)
     assert {m["config"]["method"]["lr"] for m in stage2} == {arm["chosen_lr"]}
-    jobs = {c["name"]: c["job_id"].split("_")[0] for c in json.loads((sweep / ".cells" / "manifest.json").read_text())["cells"]}
+    jobs = {
+        c["name"]: c["job_id"].split("_")[0]
+        for c in json.loads((sweep / ".cells" / "manifest.json").read_text())["cells"]
+    }
     stage1_jobs = {jobs[e["run_dir"]] for e in arm["stage1"]}
     seed1 = next(name for name in arm["stage2"] if name.endswith("seed=1"))
     assert len(stage1_jobs) == 1 and jobs[seed1] not in stage1_jobs  # two array jobs, one per stage

@@ -133,6 +133,17 @@ class Method:
         pass
 
 
+def check_no_target_modules(cfg: Any, what: str) -> None:
+    """For a method that adapts no linear layers (``full``, ``head``): the learning rate is checked, and a
+    ``method.target_modules`` given anyway is refused (it would be ignored). Raises UserError."""
+    check_lr(cfg.lr)
+    if cfg.target_modules:
+        raise fail(
+            f"method.target_modules={list(cfg.target_modules)} does not apply: method={cfg.name} {what}",
+            "drop method.target_modules",
+        )
+
+
 def check_lr(lr: float) -> None:
     """A learning rate must be a positive finite number (``method.lr``); raises UserError."""
     import math

@@ -15,17 +15,15 @@ model with ``save_pretrained`` (config + safetensors, the tied copy stored once)
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
 
 from peft_lab.errors import fail
 from peft_lab.methods.base import Method as BaseMethod
-from peft_lab.methods.base import check_lr
+from peft_lab.methods.base import check_no_target_modules
 from peft_lab.schemas import MethodConfig
 
-log = logging.getLogger(__name__)
 NAME = "full"
 
 
@@ -47,12 +45,8 @@ class Method(BaseMethod):
     saved_weights = "full_model"
 
     def validate(self) -> None:
-        """No target modules needed; a ``method.target_modules`` given anyway is ignored, with a warning."""
-        check_lr(self.cfg.lr)
-        if self.cfg.target_modules:
-            log.warning(
-                f"method.target_modules={list(self.cfg.target_modules)} is ignored: method=full trains every weight"
-            )
+        """No target modules needed; a ``method.target_modules`` is refused (it would be ignored)."""
+        check_no_target_modules(self.cfg, "trains every weight")
 
     def adapt(self, model: Any) -> Any:
         """The base itself with every parameter trainable (a 4/8-bit base is refused: it cannot train in full)."""

@@ -16,17 +16,15 @@ trains: ``trains()`` is False, the pipeline evaluates the base as it is (the zer
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
 
 from peft_lab.errors import fail
 from peft_lab.methods.base import Method as BaseMethod
-from peft_lab.methods.base import check_lr
+from peft_lab.methods.base import check_no_target_modules
 from peft_lab.schemas import MethodConfig
 
-log = logging.getLogger(__name__)
 NAME = "head"
 HEAD_FILE = "head.safetensors"
 
@@ -55,12 +53,8 @@ class Method(BaseMethod):
         return self.task == "classification"
 
     def validate(self) -> None:
-        """Classification needs ``model.cls_head_modules``; a ``method.target_modules`` is ignored, with a warning."""
-        check_lr(self.cfg.lr)
-        if self.cfg.target_modules:
-            log.warning(
-                f"method.target_modules={list(self.cfg.target_modules)} is ignored: method=head trains the head"
-            )
+        """Classification needs ``model.cls_head_modules``; a ``method.target_modules`` is refused (unused here)."""
+        check_no_target_modules(self.cfg, "trains the task head only")
         if self.task == "classification" and not list(self.model_cfg.cls_head_modules or []):
             raise fail(
                 f"method=head trains the classification head, but model '{self.model_cfg.name}' names none "
