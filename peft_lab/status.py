@@ -154,8 +154,10 @@ def discover(sweep_dir: Path) -> list[dict]:
     return entries
 
 
-def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict]) -> dict:
-    """One cell's row: its ``Status`` (``state``), progress, metric, SLURM state and a note."""
+def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict], selection_only: bool = False) -> dict:
+    """One cell's row: its ``Status`` (``state``), progress, metric, SLURM state and a note.
+    ``selection_only``: a protocol run that is not (yet) a reported one shows its selection-split metric,
+    never its test metric (the choice must not be made, nor seem made, on the test split)."""
     run_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
     rec = rf.read_record(run_dir) if run_dir else None
     job = entry.get("job_id") or ""
@@ -166,8 +168,8 @@ def cell_state(entry: dict, queue: Optional[dict], acct: Optional[dict]) -> dict
         "step": prog["step"],
         "total": prog["total"],
         "resumed_from": prog["resumed_from"],
-        "metric": rec.main_metric if rec else None,
-        "value": rec.value if rec else None,
+        "metric": (f"{rec.main_metric} (selection)" if selection_only else rec.main_metric) if rec else None,
+        "value": (rec.select_value if selection_only else rec.value) if rec else None,
         "job_id": job,
         "slurm_state": "",
         "requeues": 0,
@@ -244,7 +246,9 @@ def collect(sweep_dir: Path) -> dict:
     array_ids = {str(e["job_id"]).split("_")[0] for e in entries if e.get("job_id")}
     queue = squeue_states(array_ids)
     acct = sacct_states(array_ids)
-    rows = [cell_state(e, queue, acct) for e in entries]
+    protocol = rf.read_protocol(sweep_dir)
+    reported = {Path(str(n)).name for arm in protocol.get("arms", []) for n in arm.get("stage2", [])}
+    rows = [cell_state(e, queue, acct, bool(protocol) and e["name"] not in reported) for e in entries]
     submitter = rf.pid_alive(manifest.get("launcher_pid"), manifest.get("host"))
     for r in rows:
         r["state"] = Status(r["state"]).value  # plain words in the JSON output

@@ -51,6 +51,14 @@ def test_select_lr_protocol_chooses_on_selection_reports_test_and_reruns_nothing
     assert "Stage 1: selection metric per learning rate" in report and "95 %" in report and "Δ" in report
     assert "Holm" in report and (sweep / "report" / "select_lr.png").stat().st_size > 0
 
+    from peft_lab import status
+
+    reported = {name for arm in protocol["arms"] for name in arm["stage2"]}
+    for row in status.collect(sweep)["cells"]:  # status never shows a test metric the choice could peek at
+        assert row["metric"] == ("accuracy" if row["cell"] in reported else "accuracy (selection)"), row
+        rec = records[row["cell"]]
+        assert row["value"] == (rec["test"] if row["cell"] in reported else rec["select"])["accuracy"]
+
     before = {p: p.read_bytes() for p in sweep.glob("*/metrics.json")}
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
