@@ -256,31 +256,26 @@ def load_splits(ds: Any) -> Splits:
             sources[part] = f"{src}:{split}"
     order = list(range(len(train)))
     random.Random(ds.subset_seed).shuffle(order)
-    start = 0
+    carved: dict[str, list[int]] = {}  # part -> row indices of the train split
     for part, split, size in (
         ("select", ds.select_split, ds.select_size),
         ("test", ds.test_split, ds.max_test_samples),
     ):
         if split is None:
-            parts[part] = sorted(order[start : start + size])
-            start += size
+            start = sum(map(len, carved.values()))
+            carved[part] = sorted(order[start : start + size])
             sources[part] = f"carved from {ds.train_split} ({size} rows, subset_seed={ds.subset_seed})"
-    carved = [parts[p] for p, split in (("select", ds.select_split), ("test", ds.test_split)) if split is None]
-    rest = sorted(order[start:])
-    dropped = 0
-    if carved:
-        texts = train[ds.text_column]
-        held = {texts[i] for idx in carved for i in idx}
-        kept = [i for i in rest if texts[i] not in held]
-        dropped, rest = len(rest) - len(kept), kept
+    rest = sorted(order[sum(map(len, carved.values())) :])
+    texts = train[ds.text_column] if carved else []
+    held = {texts[i] for idx in carved.values() for i in idx}
+    kept = [i for i in rest if texts[i] not in held] if held else rest
+    dropped, rest = len(rest) - len(kept), kept
     if not rest:
         raise fail(
             f"carving the selection / test rows out of '{ds.train_split}' ({len(train)} rows) leaves no training rows",
             "lower dataset.select_size / dataset.max_test_samples, or name existing splits (dataset.select_split=...)",
         )
-    for part in ("select", "test"):
-        if isinstance(parts[part], list):
-            parts[part] = train.select(parts[part])
+    parts.update({part: train.select(idx) for part, idx in carved.items()})
     if dropped:
         log.info(f"dropped {dropped} training rows whose text is also in the selection / test rows carved from train")
     return Splits(train.select(rest), parts["select"], parts["test"], sources, dropped)

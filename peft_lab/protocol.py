@@ -71,11 +71,15 @@ class Arm:
 
     @property
     def name(self) -> str:
-        """The arm's overrides that can change a number (not the protocol, logger, cluster or hydra keys)."""
-        return " ".join(o for o in self.overrides if not o.lstrip("+~").startswith(_NOT_ARM)) or "(defaults)"
+        return arm_name(self.overrides)
 
     def cell(self, lr: float, seed: Any) -> list[str]:
         return [*self.overrides, f"{LR_KEY}={lr!r}", f"{SEED_KEY}={seed}"]
+
+
+def arm_name(overrides: list[str]) -> str:
+    """An arm's overrides that can change a number (not the protocol, logger, cluster or hydra keys)."""
+    return " ".join(o for o in overrides if not o.lstrip("+~").startswith(_NOT_ARM)) or "(defaults)"
 
 
 def _refuse(problem: str, fix: str) -> None:
@@ -125,7 +129,7 @@ def plan_arms(sweeper: Any, arms: list[list[str]]) -> list[Arm]:
         except Exception as err:
             _refuse(f"the arm '{' '.join(overrides)}' does not compose: {err}".replace("\n", " "),
                     "fix that override")  # fmt: skip
-        where = f"arm '{Arm(list(overrides), '', '', '', False, []).name}'"
+        where = f"arm '{arm_name(overrides)}'"
         try:  # the cells' own start-up checks, once per arm, before anything is launched
             data.check_config(cfg.dataset)
             models.check_config(cfg.model)

@@ -149,7 +149,10 @@ def metric_from_outputs(metric: str, rows: list[dict]) -> float:
     F1 = 2·tp / (2·tp + fp + fn); perplexity / mlm_perplexity = exp(Σ nll / Σ tokens) (nats per token).
     Raises ValueError when the rows cannot give ``metric``.
     """
-    out = outputs_arrays(rows)
+    return _metric_of_arrays(metric, outputs_arrays(rows))
+
+
+def _metric_of_arrays(metric: str, out: dict[str, np.ndarray]) -> float:
     return float(_metric_of_sums(metric, _features(metric, out).sum(0)))
 
 
@@ -482,7 +485,7 @@ def _attach_outputs(r: Run, run_dir: Path) -> None:
         return
     try:
         out = outputs_arrays(rows)
-        value = float(_metric_of_sums(str(r.metric), _features(str(r.metric), out).sum(0)))
+        value = _metric_of_arrays(str(r.metric), out)
     except ValueError as err:
         r.outputs_note = f"{rf.TEST_OUTPUTS}: {err}"
         return
