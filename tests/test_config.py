@@ -104,6 +104,7 @@ CHOICES = [
     (("method=qlora",), "method.paged_optimizer", qlora.PagedOptimizer),
     (("method=sparse",), "method.criterion", sparse.Criterion),
     (("method=sparse",), "method.schedule", sparse.Schedule),
+    (("method=sparse",), "method.score", sparse.Score),
 ]
 CHOICE_IDS = [key for _, key, _ in CHOICES]
 
@@ -190,7 +191,7 @@ def test_choice_members_are_plain_strings_by_name_and_value():
                 assert issubclass(obj, schemas.Choice), obj
     enums = _all_choice_enums()
     assert {schemas.Precision, schemas.Scheduler, schemas.LoggerBackend, schemas.LoggerMode} <= enums
-    assert {lora.Bias, qlora.QuantType, qlora.PagedOptimizer, sparse.Criterion, sparse.Schedule} <= enums
+    assert {lora.Bias, qlora.QuantType, qlora.PagedOptimizer, sparse.Criterion, sparse.Schedule, sparse.Score} <= enums
     for enum in enums:
         for member in enum:
             assert member.name == member.value and member == member.value

@@ -444,6 +444,63 @@ def test_sparse_gradual_schedule_is_cubic(compose):
     assert method.target_at(15, 100) == pytest.approx(0.5 * (1 - 0.5**3))
 
 
+def _push_one_pruned_weight(compose, score: str, steps: int = 30):
+    """A gradual ramp over 40 steps; after the first mask, one pruned entry of a lora_A factor gets a small
+    update every step (as an optimizer would give it), far below the pruning threshold per step."""
+    cfg = _cfg(compose, "sparse", "sst2", f"method.score={score}", "method.start_step=0", "method.end_step=40")
+    loaded, method, _ = build_model(cfg)
+    model = method.adapt(loaded.model)
+    method.after_optimizer_step(model, 1, 40)
+    name = next(n for n in method.factors if "lora_A" in n)
+    p, mask = method.factors[name], method.masks[name]
+    j = tuple(int(i) for i in (mask == 0).nonzero()[0])
+    v0 = float(method.shadow[name][j]) if score != "weight" else 0.0  # its value when it was pruned
+    delta = 0.05 * float(p.detach().abs().max())  # |A| is uniform: the lowest 13 % and more are pruned, i.e. > 0.13 max
+    for step in range(2, 2 + steps):
+        with torch.no_grad():
+            p[j] += delta
+        method.after_optimizer_step(model, step, 40)
+    return method, p, name, j, v0 + steps * delta
+
+
+def test_sparse_lora_lets_a_pruned_weight_regrow_under_the_shadow_schedule(compose):
+    method, p, name, j, pushed = _push_one_pruned_weight(compose, "shadow")
+    assert method.masks[name][j] == 1, "the pushed weight should have come back"
+    assert float(p[j]) == pytest.approx(pushed, rel=1e-5)  # every update it got while pruned was kept
+    assert method.metrics(None)["sparsity_regrown"] >= 1
+
+
+def test_sparse_lora_weight_score_never_regrows(compose):
+    """The seed's criterion: a pruned weight is zero after every step, so it is never chosen again."""
+    method, p, name, j, _ = _push_one_pruned_weight(compose, "weight")
+    assert method.masks[name][j] == 0 and float(p[j]) == 0.0
+
+
+def test_sparse_lora_mask_freezes_at_the_end_of_the_ramp_at_the_target(compose):
+    cfg = _cfg(compose, "sparse", "sst2", "method.start_step=0", "method.end_step=4")
+    loaded, method, _ = build_model(cfg)
+    model = method.adapt(loaded.model)
+    with torch.no_grad():
+        for q in method.factors.values():
+            q.copy_(torch.randn_like(q))
+    for step in range(1, 5):
+        method.after_optimizer_step(model, step, 10)
+    assert method.frozen and method.shadow == {}
+    frozen = {n: m.clone() for n, m in method.masks.items()}
+    with torch.no_grad():
+        for q in method.factors.values():
+            q.add_(1.0)  # every entry pushed: the frozen mask holds the pruned ones at zero
+    method.after_optimizer_step(model, 5, 10)
+    assert all(torch.equal(frozen[n], method.masks[n]) for n in frozen)
+    assert method.metrics(None)["sparsity_achieved"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_sparse_lora_defaults_prune_after_the_adapters_learn(compose):
+    _, method, _ = build_model(_cfg(compose, "sparse", "sst2"))
+    assert method.window(100) == (25, 75)
+    assert method.target_at(25, 100) == 0.0 and method.target_at(75, 100) == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------- SparseLoRA
 
 

@@ -1,13 +1,30 @@
 """Sparse LoRA: LoRA whose factors A and B are driven to a target sparsity.
 
-Criteria: ``magnitude`` (smallest |w| per matrix zeroed), ``topk`` (keep the k
-largest |w| in each row), ``l1`` (lambda * (|A|_1 + |B|_1) added to the loss, then
-magnitude thresholding). Schedules: ``oneshot`` (prune once at a step, masks fixed
-after) or ``gradual`` (cubic ramp from 0 to the target between two steps, Zhu &
-Gupta 2017). Masks are re-applied after every optimizer step, so a pruned weight
-stays zero. PEFT has no sparse LoRA: this module post-processes a PEFT LoRA model.
-The adapter is stored sparsely (a bitmask plus the non-zero values), so its size
-on disk shows the saving; ``load_adapter`` densifies it for ``PeftModel``.
+Criteria (how many weights go, and where): ``magnitude`` (the lowest-scored share of each
+matrix zeroed), ``topk`` (the k highest-scored weights kept in each row), ``l1``
+(lambda * (|A|_1 + |B|_1) added to the loss, then per-matrix thresholding). Schedules:
+``oneshot`` (prune once at a step, masks fixed after) or ``gradual`` (cubic ramp from 0 to
+the target between two steps, Zhu & Gupta 2017, "To prune, or not to prune").
+
+What a weight is scored by (``score``):
+
+* ``shadow`` (default): each factor keeps a dense *shadow* copy. While the target ramps, the
+  forward pass uses the masked factor and the optimizer's update goes to the shadow of every
+  entry, kept or pruned (a straight-through estimator, as in Zhou et al. 2021, "Learning N:M
+  fine-grained structured sparse neural networks from scratch"); the mask is re-chosen from
+  |shadow| every step, so a pruned weight that the gradient keeps pushing comes back. At the
+  end of the ramp the mask is frozen and the pruned entries stay zero.
+* ``importance``: the same shadow, scored by the accumulated first-order importance
+  |shadow * grad| (an exponential moving average over micro-batches; Molchanov et al. 2019).
+* ``weight``: the plain magnitude |w| of the current (already masked) factor, re-chosen only
+  when the target rises: a pruned weight is zero and never returns (the seed's behaviour).
+
+Defaults prune *after* the adapters have learned: the gradual ramp runs from 25 % to 75 % of
+the steps (B starts at zero, so a mask chosen in the first steps is chosen from noise), and
+one-shot pruning happens half-way. Masks are re-applied after every optimizer step. PEFT has
+no sparse LoRA: this module post-processes a PEFT LoRA model. The adapter is stored sparsely
+(a bitmask plus the non-zero values), so its size on disk shows the saving; ``load_adapter``
+densifies it for ``PeftModel``.
 """
 
 from __future__ import annotations
@@ -39,6 +56,14 @@ class Criterion(Choice):
     l1 = "l1"  # L1 penalty on the factors, then magnitude thresholding
 
 
+class Score(Choice):
+    """``method.score``: what a weight is ranked by when the masks are chosen."""
+
+    shadow = "shadow"  # |dense shadow value| (straight-through updates; pruned weights can regrow)
+    importance = "importance"  # accumulated |shadow * grad| (pruned weights can regrow)
+    weight = "weight"  # |current weight| (pruned weights stay zero; the seed's behaviour)
+
+
 class Schedule(Choice):
     """``method.schedule``: when the sparsity is reached."""
 
@@ -53,11 +78,13 @@ class Config(lora.Config):
     name: str = NAME
     sparsity: float = 0.5  # target fraction of zeros in every LoRA factor
     criterion: Criterion = Criterion.magnitude
+    score: Score = Score.shadow
     schedule: Schedule = Schedule.gradual
     prune_step: int = -1  # oneshot: the step that prunes; -1: half-way
-    start_step: int = -1  # gradual: ramp start; -1: 10 % of the steps
-    end_step: int = -1  # gradual: ramp end (target reached); -1: 60 % of the steps
+    start_step: int = -1  # gradual: ramp start; -1: 25 % of the steps
+    end_step: int = -1  # gradual: ramp end (target reached, masks frozen); -1: 75 % of the steps
     l1_lambda: float = 1e-4  # l1: weight of the L1 penalty
+    importance_beta: float = 0.9  # importance: EMA factor of |shadow * grad| per micro-batch
 
 
 class Method(lora.Method):
@@ -65,9 +92,13 @@ class Method(lora.Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.factors: dict[str, Any] = {}
-        self.masks: dict[str, Any] = {}
-        self.current = 0.0
+        self.factors: dict[str, Any] = {}  # name -> LoRA factor parameter (what the model computes with)
+        self.masks: dict[str, Any] = {}  # name -> keep-mask (1 kept, 0 pruned), same shape and dtype
+        self.shadow: dict[str, Any] = {}  # name -> dense shadow (score shadow/importance, while ramping)
+        self.importance: dict[str, Any] = {}  # name -> EMA of |shadow * grad| (score importance)
+        self.current = 0.0  # the sparsity the masks were last chosen for
+        self.frozen = False  # masks fixed (after the ramp's end, or after a one-shot prune)
+        self.regrown = 0  # entries that were pruned and came back (counted over the run)
 
     def validate(self) -> None:
         super().validate()
@@ -78,6 +109,10 @@ class Method(lora.Method):
             raise fail(f"method.criterion={c.criterion}", "use magnitude, topk or l1")
         if c.schedule not in ("oneshot", "gradual"):
             raise fail(f"method.schedule={c.schedule}", "use oneshot or gradual")
+        if c.score not in ("shadow", "importance", "weight"):
+            raise fail(f"method.score={c.score}", "use shadow, importance or weight")
+        if not 0.0 <= c.importance_beta < 1.0:
+            raise fail(f"method.importance_beta={c.importance_beta} is outside [0, 1)", "give e.g. 0.9")
         if c.schedule == "gradual" and c.start_step >= 0 and c.end_step >= 0 and c.end_step <= c.start_step:
             raise fail(
                 f"method.end_step={c.end_step} is not after method.start_step={c.start_step}",
@@ -87,20 +122,46 @@ class Method(lora.Method):
     def adapt(self, model: Any) -> Any:
         model = super().adapt(model)
         self.factors = {n: p for n, p in model.named_parameters() if p.requires_grad and _is_factor(n)}
+        if self.cfg.score == "importance":
+            for name, p in self.factors.items():
+                p.register_hook(self._importance_hook(name))
         return model
 
+    def _importance_hook(self, name: str) -> Any:
+        def hook(grad: Any) -> None:
+            import torch
+
+            if name not in self.shadow or self.frozen:
+                return
+            with torch.no_grad():
+                value = (self.shadow[name] * grad).abs().float()
+                old = self.importance.get(name)
+                beta = self.cfg.importance_beta
+                self.importance[name] = value if old is None else old.mul_(beta).add_(value, alpha=1 - beta)
+
+        return hook
+
     # -- schedule -------------------------------------------------------------
-    def target_at(self, step: int, total: int) -> float:
+    def window(self, total: int) -> tuple[int, int]:
+        """(first step with a mask, step at which the masks freeze), in optimizer steps done."""
         c = self.cfg
         if c.schedule == "oneshot":
             at = c.prune_step if c.prune_step >= 0 else total // 2
-            return c.sparsity if step >= at else 0.0
-        start = c.start_step if c.start_step >= 0 else int(0.1 * total)
-        end = c.end_step if c.end_step >= 0 else max(start + 1, int(0.6 * total))
+            return at, at
+        start = c.start_step if c.start_step >= 0 else int(0.25 * total)
+        end = c.end_step if c.end_step >= 0 else max(start + 1, int(0.75 * total))
+        return start, end
+
+    def target_at(self, step: int, total: int) -> float:
+        """The sparsity (0..1) wanted after ``step`` optimizer steps of ``total``: 0 before the window,
+        a cubic ramp inside it (Zhu & Gupta 2017), the target from its end."""
+        start, end = self.window(total)
         if step < start:
             return 0.0
-        frac = min(1.0, (step - start) / max(1, end - start))
-        return c.sparsity * (1.0 - (1.0 - frac) ** 3)
+        if end <= start:
+            return self.cfg.sparsity
+        frac = min(1.0, (step - start) / (end - start))
+        return self.cfg.sparsity * (1.0 - (1.0 - frac) ** 3)
 
     # -- training hooks -------------------------------------------------------
     def extra_loss(self, model: Any) -> Any:
@@ -111,13 +172,39 @@ class Method(lora.Method):
     def after_optimizer_step(self, model: Any, step: int, total: int) -> None:
         import torch
 
+        if self.frozen or self.cfg.sparsity == 0:
+            self.apply_masks()
+            return
         target = self.target_at(step, total)
-        if target > self.current + 1e-12:
-            self.current = target
-            with torch.no_grad():
+        _, end = self.window(total)
+        regrow = self.cfg.score != "weight"
+        with torch.no_grad():
+            if regrow and self.masks:  # the step's update reached every entry; the shadow keeps the pruned ones
                 for name, p in self.factors.items():
-                    self.masks[name] = self._mask(p.detach(), target)
+                    self.shadow[name] = p.detach() + self.shadow[name] * (1 - self.masks[name])
+            if target > 0 and (regrow or target > self.current + 1e-12):
+                for name, p in self.factors.items():
+                    if regrow and name not in self.shadow:
+                        self.shadow[name] = p.detach().clone()
+                    mask = self._mask(self._score(name, p), target)
+                    old = self.masks.get(name)
+                    if old is not None:
+                        self.regrown += int(((old == 0) & (mask != 0)).sum())
+                    self.masks[name] = mask
+                    if regrow:
+                        p.copy_(self.shadow[name] * mask)
+                self.current = target
+            if step >= end and self.masks:
+                self.frozen = True
+                self.shadow, self.importance = {}, {}
         self.apply_masks()
+
+    def _score(self, name: str, p: Any) -> Any:
+        if self.cfg.score == "importance" and name in self.importance:
+            return self.importance[name]
+        if self.cfg.score in ("shadow", "importance"):
+            return self.shadow[name].abs().float()  # no gradient seen yet: the shadow's magnitude
+        return p.detach().abs().float()
 
     def apply_masks(self) -> None:
         import torch
@@ -126,20 +213,21 @@ class Method(lora.Method):
             for name, mask in self.masks.items():
                 self.factors[name].mul_(mask)
 
-    def _mask(self, w: Any, target: float) -> Any:
-        """Keep-mask with round(target * numel) zeros (magnitude/l1) or per-row top-k (topk)."""
+    def _mask(self, score: Any, target: float) -> Any:
+        """Keep-mask (the factor's dtype) with round(target * numel) zeros (magnitude/l1) or a per-row top-k
+        (topk), choosing the highest ``score`` (same shape as the factor)."""
         import torch
 
-        score = w.abs().float()
+        dtype = next(iter(self.factors.values())).dtype
         if self.cfg.criterion == "topk":
-            keep = max(1, math.ceil((1.0 - target) * w.shape[1]))
+            keep = max(1, math.ceil((1.0 - target) * score.shape[1]))
             idx = score.topk(keep, dim=1).indices
-            return torch.zeros_like(w, dtype=torch.bool).scatter_(1, idx, True).to(w.dtype)
-        n_zero = int(round(target * w.numel()))
-        mask = torch.ones(w.numel(), dtype=w.dtype, device=w.device)
+            return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True).to(dtype)
+        n_zero = int(round(target * score.numel()))
+        mask = torch.ones(score.numel(), dtype=dtype, device=score.device)
         if n_zero:
-            mask[score.flatten().argsort()[:n_zero]] = 0
-        return mask.view_as(w)
+            mask[score.flatten().argsort(stable=True)[:n_zero]] = 0
+        return mask.view_as(score)
 
     # -- reporting and state --------------------------------------------------
     def metrics(self, model: Any) -> dict[str, Any]:
@@ -150,15 +238,33 @@ class Method(lora.Method):
             "sparsity_reached_target": self.current,
             "sparsity_achieved": zeros / total if total else 0.0,
             "sparsity_criterion": plain(self.cfg.criterion),
+            "sparsity_score": plain(self.cfg.score),
             "sparsity_schedule": plain(self.cfg.schedule),
+            "sparsity_regrown": self.regrown,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {k: v.cpu() for k, v in self.masks.items()}, "current": self.current}
+        def cpu(d: dict) -> dict:
+            return {k: v.cpu() for k, v in d.items()}
+
+        return {
+            "masks": cpu(self.masks),
+            "shadow": cpu(self.shadow),
+            "importance": cpu(self.importance),
+            "current": self.current,
+            "frozen": self.frozen,
+            "regrown": self.regrown,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        def dev(d: dict) -> dict:
+            return {k: v.to(self.factors[k].device) for k, v in d.items()}
+
         self.current = state.get("current", 0.0)
-        self.masks = {k: v.to(self.factors[k].device) for k, v in state.get("masks", {}).items()}
+        self.masks = dev(state.get("masks", {}))
+        self.shadow = dev(state.get("shadow", {}))
+        self.importance = dev(state.get("importance", {}))
+        self.frozen, self.regrown = state.get("frozen", False), state.get("regrown", 0)
         self.apply_masks()
 
     # -- sparse storage -------------------------------------------------------
