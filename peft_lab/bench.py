@@ -403,8 +403,8 @@ def table(out: dict) -> str:
         mm = r.method_metrics
         if mm.get("sparselora_sparse_layers") == 0:
             notes.append(
-                f"WARNING: 0 of {mm.get('sparselora_layers')} layers sparse (method.dense_first_layers + "
-                "dense_last_layers cover all): ran as dense LoRA"
+                f"WARNING: 0 of {mm.get('sparselora_layers')} layers sparse (method.mlp_sparsity / "
+                "attn_sparsity name none): ran as dense LoRA"
             )
         if "sparselora_flops_skipped" in mm:
             notes.append(f"{100 * mm['sparselora_flops_skipped']:.0f} % base FLOPs skipped")

@@ -10,10 +10,15 @@ aggregates seeds (mean ± sample std), and writes into ``<sweep>/report/``:
   per dataset is bold (with the 95 % test-sampling interval of its metric); rows not
   distinguishable from it are marked ``≈``. Under the table: a warning per dataset where the
   adapter methods' trainable-parameter budgets differ by more than 10 %. A protocol sweep
-  adds the chosen learning rate to each cell and a stage-1 table (selection metric per lr).
+  adds the chosen learning rate to each cell and a stage-1 table (selection metric per lr). A sweep
+  with ``sparse`` / ``sparselora`` runs adds a "Sparsity study" section: per dataset, one row per
+  configuration of LoRA and the sparse methods (mean sparsity, test metric, Δ vs LoRA, median
+  training step time and speed-up vs LoRA; ``sparsity_study``).
 - ``report.csv``: the same table as numbers (one row per method, columns per dataset);
   ``runs.csv``: one row per run (a protocol sweep's stage-1 runs included, ``stage`` column).
-- PNG plots: ``PLOTS`` always, ``PROTOCOL_PLOTS`` (selection metric vs lr) for a protocol sweep.
+- PNG plots: ``PLOTS`` always, ``PROTOCOL_PLOTS`` (selection metric vs lr) for a protocol sweep,
+  ``SPARSITY_PLOTS`` (test metric and step time vs sparsity, LoRA as a reference band) for a sweep
+  with sparse / sparselora runs.
 
 **Statistics.** In each dataset column, every row is compared with the best row (best mean)
 by a paired bootstrap (Efron & Tibshirani 1993; Koehn 2004 for NLP test sets): the per-run
@@ -58,6 +63,7 @@ log = logging.getLogger(__name__)
 REPORT_DIR = rf.REPORT_DIR
 PLOTS = ("metric_by_method", "metric_vs_trainable", "peak_memory", "throughput", "metric_vs_walltime")
 PROTOCOL_PLOTS = ("select_lr",)  # made only for a protocol sweep
+SPARSITY_PLOTS = ("sparsity_metric", "sparsity_step_time")  # made only for a sweep with sparse / sparselora runs
 _SWEPT_ELSEWHERE = ("method=", "dataset=", "seed=", "hydra.", "cluster", "logger")
 _PROTOCOL_KEYS = ("method.lr",)  # what a protocol chooses per arm: shown in the cell, never in the row label
 
@@ -71,6 +77,12 @@ BUDGET_TOLERANCE = 0.10  # adapter rows whose trainable parameters differ by mor
 ADAPTER_WEIGHTS = ("adapter", None)  # saved_weights of a parameter-efficient method (None: an older record)
 NO_LR = "no lr completed"  # a protocol arm whose stage-1 runs all failed
 NO_OUTPUTS = "no test_outputs.jsonl"
+
+# the sparsity study: the sparse methods, the method_metrics key each records its sparsity under (0..1), the reference
+SPARSITY_KEYS = {"sparse": "sparsity_achieved", "sparselora": "sparselora_flops_skipped"}
+SPARSITY_REFERENCE = "lora"
+SPARSITY_XLABEL = "sparsity (sparse: share of adapter weights zero; sparselora: share of base-linear FLOPs skipped)"
+EVAL_MODES = ("accuracy_dense", "accuracy_sparse")  # sparselora on classification: test accuracy per evaluation mode
 
 _LM_METRICS = ("perplexity", "mlm_perplexity")
 
@@ -309,6 +321,10 @@ class Run:
     peak_memory_mib: Optional[float] = None
     wall_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
+    step_time_s: Optional[float] = None  # median training step time (s)
+    device: Optional[str] = None  # what it ran on: cpu | cuda:0 | ...
+    method_metrics: dict = field(default_factory=dict)  # what the method reports about itself (sparsity, ...)
+    test: dict = field(default_factory=dict)  # every metric on the test split (the main one, and e.g. EVAL_MODES)
     run_dir: str = ""
     error: str = ""
     row: str = ""
@@ -388,6 +404,10 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 peak_memory_mib=mem / 2**20 if mem is not None else None,
                 wall_s=rec.train_wall_s,
                 tokens_per_s=rec.tokens_per_s,
+                step_time_s=rec.step_time_median_s,
+                device=rec.device,
+                method_metrics=rec.method_metrics if isinstance(rec.method_metrics, dict) else {},
+                test=rec.test if isinstance(rec.test, dict) else {},
                 run_dir=path.parent.name,
                 error=error,
                 config=rec.config,
@@ -910,6 +930,206 @@ def runs_csv(runs: list[Run]) -> str:
     return buf.getvalue()
 
 
+# ----------------------------------------------------------------------------- sparsity study
+
+
+def _finite(v: Any) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _step_time(r: Run) -> Optional[float]:
+    """The run's median training step time (s), when recorded and positive."""
+    s = _finite(r.step_time_s)
+    return s if s is not None and s > 0 else None
+
+
+def run_sparsity(r: Run) -> Optional[float]:
+    """The run's x in the sparsity study, a share in 0..1. ``sparse``: the fraction of zeros in its LoRA factors
+    (``method_metrics["sparsity_achieved"]``); ``sparselora``: the share of base-linear FLOPs skipped while training
+    (``method_metrics["sparselora_flops_skipped"]``). None for another method, or a record without it (older runs).
+    """
+    key = SPARSITY_KEYS.get(r.method)
+    return _finite(r.method_metrics.get(key)) if key else None
+
+
+def _mean_std(xs: list[float]) -> tuple[Optional[float], float]:
+    """(mean, sample std) of ``xs``: (None, nan) for none; the std is nan for one value."""
+    if not xs:
+        return None, float("nan")
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+
+
+@dataclass
+class SparsityPoint:
+    """One configuration (table ``row``) of a method on one dataset in the sparsity study, over its seeds.
+
+    ``runs``: its completed runs with a finite test metric, in seed order; ``left_out``: {status: count} of its
+    other runs (failed, pending, ...), in no mean. ``mean`` / ``std``: the test main metric (sample std; nan for
+    one seed). ``x``: the mean sparsity (``run_sparsity``, 0..1) over the ``n_x`` runs that recorded it.
+    ``step_s`` / ``step_std``: mean / sample std of the median training step time (s) over the ``n_step`` runs
+    that recorded it. ``dense`` / ``sparse_eval``: mean test accuracy under dense / sparse evaluation
+    (``EVAL_MODES``) where recorded. Against the dataset's LoRA reference: ``delta`` = mean − LoRA's mean (metric
+    units), ``speedup`` = LoRA's step time / ``step_s`` (> 1: faster than LoRA); ``reference``: this is it.
+    """
+
+    method: str
+    dataset: str
+    row: str
+    metric: str
+    runs: list = field(default_factory=list)
+    n_runs: int = 0
+    left_out: dict = field(default_factory=dict)
+    mean: Optional[float] = None
+    std: float = float("nan")
+    x: Optional[float] = None
+    n_x: int = 0
+    step_s: Optional[float] = None
+    step_std: float = float("nan")
+    n_step: int = 0
+    dense: Optional[float] = None
+    sparse_eval: Optional[float] = None
+    delta: Optional[float] = None
+    speedup: Optional[float] = None
+    reference: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def variant(self) -> str:
+        """The config keys that set this row apart from the method's others (``method.sparsity=0.5``); "" if none."""
+        return self.row[len(self.method) :].strip().removeprefix("[").removesuffix("]")
+
+
+def _sparsity_point(ds: str, row: str, group: list[Run]) -> SparsityPoint:
+    done = sorted((r for r in group if r.status == Status.completed and r.value is not None), key=lambda r: r.seed)
+    p = SparsityPoint(group[0].method, ds, row, next((r.metric for r in group if r.metric), None) or "?", done,
+                      len(group))  # fmt: skip
+    kept = {id(r) for r in done}
+    for r in group:
+        if id(r) not in kept:
+            p.left_out[r.status.value] = p.left_out.get(r.status.value, 0) + 1
+    p.mean, p.std = _mean_std([r.value for r in done])
+    xs = [x for r in done if (x := run_sparsity(r)) is not None]
+    p.x, p.n_x = _mean_std(xs)[0], len(xs)
+    steps = [s for r in done if (s := _step_time(r)) is not None]
+    (p.step_s, p.step_std), p.n_step = _mean_std(steps), len(steps)
+    p.dense, p.sparse_eval = (_mean_std([v for r in done if (v := _finite(r.test.get(k))) is not None])[0]
+                              for k in EVAL_MODES)  # fmt: skip
+    return p
+
+
+def sparsity_study(runs: list[Run]) -> dict[str, list[SparsityPoint]]:
+    """{dataset: points} of the sparsity study, for each dataset where the table holds runs of a sparse method
+    (``SPARSITY_KEYS``); {} for a sweep without any. The points are the table rows of LoRA and of the sparse methods
+    on that dataset, in table order; the first LoRA row with a completed run is the reference (``delta``,
+    ``speedup``)."""
+    table = [r for r in runs if r.in_table]
+    datasets = sorted(
+        {r.dataset for r in table if r.method in SPARSITY_KEYS}, key=lambda d: (_order(d, DATASET_ORDER), d)
+    )
+    study = {}
+    for ds in datasets:
+        groups: dict[str, list[Run]] = {}
+        for r in table:
+            if r.dataset == ds and (r.method in SPARSITY_KEYS or r.method == SPARSITY_REFERENCE):
+                groups.setdefault(r.row, []).append(r)
+        points = [_sparsity_point(ds, row, groups[row]) for row in sorted(groups, key=_row_order)]
+        ref = next((p for p in points if p.method == SPARSITY_REFERENCE and p.n), None)
+        if ref is not None:
+            ref.reference = True
+            for p in points:
+                p.delta = p.mean - ref.mean if p.mean is not None else None
+                p.speedup = ref.step_s / p.step_s if p.step_s and ref.step_s else None
+        study[ds] = points
+    return study
+
+
+def _of_runs(p: SparsityPoint, n_with: int, text: str) -> str:
+    return text if n_with == p.n else f"{text} ({n_with} of {p.n})"
+
+
+def _sparsity_row(p: SparsityPoint, modes: bool) -> list[str]:
+    ref = p.mean if p.mean is not None else 0.0
+    metric = "–" if p.mean is None else _fmt(p.mean, ref) + (f" ± {_fmt(p.std, ref)}" if p.n > 1 else "")
+    if p.method not in SPARSITY_KEYS or p.n == 0:
+        x = "–"
+    else:
+        x = "not recorded" if p.x is None else _of_runs(p, p.n_x, f"{p.x:.3f}")
+    delta = "–" if p.delta is None else ("+" if p.delta >= 0 else "") + _fmt(p.delta, ref)
+    speedup = "–" if p.speedup is None else f"{p.speedup:.2f}×"
+    if p.reference:
+        delta, speedup = "reference", "reference" if p.step_s is not None else "–"
+    step = "–" if p.step_s is None else _of_runs(p, p.n_step, f"{p.step_s:.3f}" if p.step_s < 10 else f"{p.step_s:.1f}")
+    row = [p.method, p.variant or "–", f"{p.n}" if p.n == p.n_runs else f"{p.n} of {p.n_runs}", x, metric, delta,
+           step, speedup]  # fmt: skip
+    if modes:
+        row += ["–" if v is None else f"{v:.3f}" for v in (p.dense, p.sparse_eval)]
+    return row
+
+
+def _sparsity_footnotes(study: dict[str, list[SparsityPoint]]) -> list[str]:
+    lines = []
+    for ds, points in study.items():
+        refs = [p for p in points if p.method == SPARSITY_REFERENCE]
+        ref = next((p for p in refs if p.reference), None)
+        if ref is None:
+            lines.append(f"{ds}: no completed LoRA run, so Δ and speed-up there have no reference.")
+        elif len(refs) > 1:
+            lines.append(f"{ds}: LoRA ran in {len(refs)} configurations; Δ and speed-up are against {ref.row}.")
+    where = lambda ps: "; ".join(ps)  # noqa: E731
+    every = [p for points in study.values() for p in points]
+    failed = [f"{p.row} × {p.dataset}: {sum(p.left_out.values())} of {p.n_runs} ("
+              + ", ".join(f"{v} {k}" for k, v in sorted(p.left_out.items())) + ")" for p in every if p.left_out]  # fmt: skip
+    if failed:
+        lines.append(f"Failed or not completed, left out of the means: {where(failed)}.")
+    no_x = [f"{p.row} × {p.dataset} ({p.n - p.n_x} of {p.n} runs)" for p in every
+            if p.method in SPARSITY_KEYS and p.n_x < p.n]  # fmt: skip
+    if no_x:
+        keys = " / ".join(f"method_metrics.{k}" for k in SPARSITY_KEYS.values())
+        lines.append(f"Left out of the plots, no sparsity recorded ({keys}; runs of an older peft_lab): {where(no_x)}.")
+    no_step = [f"{p.row} × {p.dataset} ({p.n - p.n_step} of {p.n} runs)" for p in every if p.n_step < p.n]
+    if no_step:
+        lines.append(f"No step time recorded (step_time_median_s), left out of the step-time means and plot: "
+                     f"{where(no_step)}.")  # fmt: skip
+    kinds = sorted({str(r.device).split(":")[0] for p in every for r in p.runs if r.device})
+    if len(kinds) > 1:
+        lines.append(f"⚠ Step times were measured on different devices ({', '.join(kinds)}): a speed-up between "
+                     "them compares devices, not methods.")  # fmt: skip
+    return lines
+
+
+def sparsity_markdown(study: dict[str, list[SparsityPoint]]) -> str:
+    """The "Sparsity study" section: per dataset, one row per configuration of LoRA and the sparse methods
+    (seeds, mean sparsity, test metric mean ± std, Δ vs LoRA, step time (s), speed-up vs LoRA, and the
+    dense / sparse-evaluation accuracies where a run recorded them), then footnotes on what was left out."""
+    lines = [
+        "## Sparsity study",
+        "",
+        "One row per configuration (variant: the config keys that differ), over its seeds. sparsity: for sparse, "
+        "the share of the LoRA factors' weights that are zero at the end of training; for sparselora, the share of "
+        "base-linear FLOPs skipped while training (mean over seeds; two different quantities, so compare each "
+        "method with LoRA rather than with the other at equal sparsity). Test metric: mean ± sample std over seeds. "
+        "Δ vs LoRA: mean − the LoRA row's mean (not tested here: the paired tests are in the table above, against "
+        "each dataset's best row). "
+        "step time: the median training step time of each run (s), mean over seeds; speed-up vs LoRA: LoRA's "
+        "step time / this one (> 1: faster than LoRA). Plots: sparsity_metric.png, sparsity_step_time.png.",
+    ]
+    for ds, points in study.items():
+        metric = next((p.metric for p in points if p.metric != "?"), "?")
+        modes = any(p.dense is not None or p.sparse_eval is not None for p in points)
+        head = ["method", "variant", "seeds", "sparsity", f"{metric} (mean ± std)",
+                f"Δ vs LoRA ({'lower' if lower_is_better(metric) else 'higher'} is better)", "step time (s)",
+                "speed-up vs LoRA"] + (["accuracy, dense eval", "accuracy, sparse eval"] if modes else [])  # fmt: skip
+        lines += ["", f"### {ds} ({metric} on the test split {_arrow(metric)})", ""]
+        lines += _md_table(head, [_sparsity_row(p, modes) for p in points])
+    for note in _sparsity_footnotes(study):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -1044,6 +1264,75 @@ def protocol_figures(protocol: dict, runs: list[Run]) -> dict:
     return {"select_lr": fig}
 
 
+def _plot_point(p: SparsityPoint, y_of) -> Optional[tuple[float, float, float]]:
+    """(mean x, mean y, sample std of y; nan for one run) over the point's runs that recorded a sparsity and y."""
+    pairs = [(x, y) for r in p.runs if (x := run_sparsity(r)) is not None and (y := y_of(r)) is not None]
+    if not pairs:
+        return None
+    y, err = _mean_std([y for _, y in pairs])
+    return _mean_std([x for x, _ in pairs])[0], y, err
+
+
+def sparsity_figures(study: dict[str, list[SparsityPoint]]) -> dict:
+    """``SPARSITY_PLOTS`` from ``sparsity_study``, one subplot per dataset, x = sparsity (0..1, ``SPARSITY_XLABEL``).
+
+    ``sparsity_metric``: the test main metric; ``sparsity_step_time``: the median training step time (s). One line
+    per sparse method through its points sorted by x (x: mean sparsity, y: mean over seeds, error bar: sample std,
+    none for one seed); on accuracy, sparselora's sparse-evaluation accuracy as a dashed "sparselora (sparse eval)"
+    line; the LoRA reference's mean as a horizontal line with a ± std band. Runs without a recorded sparsity (or
+    step time) are left out."""
+    plt = _pyplot()
+    datasets = list(study)
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate((SPARSITY_REFERENCE, *SPARSITY_KEYS))}
+    out = {}
+    for name, title in (
+        ("sparsity_metric", "Test metric vs sparsity"),
+        ("sparsity_step_time", "Training step time vs sparsity"),
+    ):
+        fig, axes = _axes_per_dataset(datasets, f"{title}\n(error bars: std over seeds; band: LoRA mean ± std)")
+        for ax, ds in zip(axes, datasets):
+            points = study[ds]
+            metric = next((p.metric for p in points if p.metric != "?"), "?")
+            ref = next((p for p in points if p.reference), None)
+            mean, std = (None, math.nan) if ref is None else (ref.mean, ref.std) if name == "sparsity_metric" else (
+                ref.step_s, ref.step_std)  # fmt: skip
+            if mean is not None:
+                band = f"{ref.row} (mean ± std)" if not math.isnan(std) else f"{ref.row} (mean, one seed)"
+                ax.axhline(mean, color=colors[SPARSITY_REFERENCE], linewidth=1.5, label=band)
+                if not math.isnan(std):
+                    ax.axhspan(mean - std, mean + std, color=colors[SPARSITY_REFERENCE], alpha=0.2, linewidth=0)
+            series = [(m, m, (lambda r: r.value) if name == "sparsity_metric" else _step_time, "o-")
+                      for m in SPARSITY_KEYS]  # fmt: skip
+            if name == "sparsity_metric" and metric == "accuracy":
+                series.append(
+                    ("sparselora", "sparselora (sparse eval)", lambda r: _finite(r.test.get(EVAL_MODES[1])), "s--")
+                )
+            drawn = False
+            for method, label, y_of, style in series:
+                pts = sorted(pt for p in points if p.method == method and (pt := _plot_point(p, y_of)) is not None)
+                if pts:
+                    drawn = True
+                    ax.errorbar([pt[0] for pt in pts], [pt[1] for pt in pts], yerr=[pt[2] for pt in pts], fmt=style,
+                                capsize=4, color=colors[method], label=label)  # fmt: skip
+            if not drawn:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no completed run with a sparsity recorded",
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="center",
+                )
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_title(ds)
+            ax.set_xlabel(SPARSITY_XLABEL.replace("zero; ", "zero;\n"), fontsize="small")  # fits one subplot
+            ax.set_ylabel(_metric_label(metric) if name == "sparsity_metric" else "median training step time (s)")
+            _legend(ax)
+        fig.tight_layout()
+        out[name] = fig
+    return out
+
+
 # ----------------------------------------------------------------------------- build
 
 
@@ -1063,7 +1352,8 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
     """Write report.md / report.csv / runs.csv / PNGs; log them to W&B when a logger is given.
 
     Returns {"markdown", "csv", "runs_csv", <plot name>: path, ...}: the ``PLOTS`` always, the
-    ``PROTOCOL_PLOTS`` only for a protocol sweep (and "wandb_run_id" when logged)."""
+    ``PROTOCOL_PLOTS`` only for a protocol sweep, the ``SPARSITY_PLOTS`` only for a sweep with sparse /
+    sparselora runs (and "wandb_run_id" when logged)."""
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir)
     if not runs:
@@ -1081,6 +1371,9 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
                   setup=setup_line(runs))  # fmt: skip
     if protocol:
         md += "\n" + stage1_markdown(protocol, runs)
+    study = sparsity_study(runs)
+    if study:
+        md += "\n" + sparsity_markdown(study)
     paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "runs_csv": out_dir / "runs.csv"}
     write_atomic(paths["markdown"], md)
     write_atomic(paths["csv"], table_csv(rows, datasets, cells))
@@ -1089,6 +1382,8 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
     figs = figures(rows, datasets, cells)
     if protocol:
         figs.update(protocol_figures(protocol, runs))
+    if study:
+        figs.update(sparsity_figures(study))
     for name, fig in figs.items():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)

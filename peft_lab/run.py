@@ -317,6 +317,12 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.select = run_eval(select_ex)
     test_outputs: list = []
     record.test = run_eval(test_ex, test_outputs)
+    modes = method.eval_modes()  # e.g. SparseLoRA: the main metric under dense and under sparse evaluation
+    if modes and main_metric in record.test:
+        record.test[f"{main_metric}_{modes[0]}"] = record.test[main_metric]
+        for mode in modes[1:]:
+            with method.eval_mode(mode):
+                record.test[f"{main_metric}_{mode}"] = run_eval(test_ex)[main_metric]
     log.info(f"selection split: {record.select}; test split: {record.test}")
     tracker.log({f"{split}/{k}": v for split in ("select", "test") for k, v in getattr(record, split).items()},
                 result.steps)  # fmt: skip

@@ -11,8 +11,7 @@ import pytest
 
 # every layer sparse, every token context: exactly 75 % of the MLP work skipped
 VARIANT = "sparselora:" + ";".join(
-    ["method.mlp_sparsity=0.75", "method.dense_first_layers=0", "method.dense_last_layers=0",
-     "method.dense_output_tokens=false", "method.warmup_frac=0"]
+    ["method.mlp_sparsity=0-1:0.75", "method.dense_output_tokens=false", "method.warmup_frac=0"]
 )  # fmt: skip
 
 
@@ -42,8 +41,8 @@ def test_bench_measures_each_method_and_the_bare_loop(cache_dir, tmp_path, monke
         assert 0 < r["trainable_params"] < r["total_params"] and r["footprint_mib"] > 0
     # the bare loop is a measurement of its own, not a copy of LoRA's
     assert res["bare-lora"]["block_medians_s"] != res["lora"]["block_medians_s"]
-    # the variant's overrides reached the method: 75 % of the MLP work skipped in every layer but the last
-    assert res[variant]["overrides"][0] == "method.mlp_sparsity=0.75"
+    # the variant's overrides reached the method: 75 % of the MLP work skipped in both layers
+    assert res[variant]["overrides"][0] == "method.mlp_sparsity=0-1:0.75"
     assert res[variant]["method_metrics"]["sparselora_mlp_flops_skipped"] == pytest.approx(0.75)
 
     def paired(num: str, den: str) -> float:  # what bench documents: median over repeats of back-to-back ratios

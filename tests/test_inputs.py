@@ -110,11 +110,9 @@ def test_data_dir_with_synthetic_source_is_refused(compose, tmp_path):
     data.check_config(compose("experiment=smoke", "dataset=sst2").dataset)
 
 
-def _sparselora(compose, first, last, caplog):
-    cfg = compose(
-        "experiment=smoke", "method=sparselora", "dataset=sst2", "logger=none",
-        f"method.dense_first_layers={first}", f"method.dense_last_layers={last}",
-    )  # fmt: skip
+def _sparselora(compose, mlp, caplog):
+    extra = [] if mlp is None else [f"method.mlp_sparsity={mlp}"]
+    cfg = compose("experiment=smoke", "method=sparselora", "dataset=sst2", "logger=none", *extra)
     loaded, method, _ = build_model(cfg)
     with caplog.at_level(logging.WARNING, logger="peft_lab.methods.sparselora"):
         model = method.adapt(loaded.model)
@@ -123,10 +121,11 @@ def _sparselora(compose, first, last, caplog):
 
 
 def test_sparselora_without_a_sparse_layer_warns_and_records_it(compose, caplog):
-    report, warned = _sparselora(compose, 2, 1, caplog)  # the 2-layer tiny model: every layer dense
+    # the default deep band (53 %-95 % of the depth) holds no layer of the 2-layer tiny model
+    report, warned = _sparselora(compose, None, caplog)
     assert len(warned) == 1
     msg = warned[0].getMessage()
-    assert "dense_first_layers=2" in msg and "dense_last_layers=1" in msg and "all 2 layers" in msg
+    assert "method.mlp_sparsity={'53%-95%': 0.75}" in msg and "none of the 2 layers" in msg
     assert "Fix:" in msg
     assert report["sparselora_sparse_layers"] == 0 and report["sparselora_layers"] == 2
     assert report["sparselora_warnings"] == [msg]
@@ -134,9 +133,10 @@ def test_sparselora_without_a_sparse_layer_warns_and_records_it(compose, caplog)
 
 
 def test_sparselora_with_a_sparse_layer_does_not_warn(compose, caplog):
-    report, warned = _sparselora(compose, 1, 0, caplog)
+    report, warned = _sparselora(compose, "1:0.5", caplog)
     assert warned == [] and report["sparselora_warnings"] == []
     assert report["sparselora_sparse_layers"] == 1 and report["sparselora_layers"] == 2
+    assert report["sparselora_mlp_layers"] == {"1": 0.5} and report["sparselora_attn_layers"] == {}
 
 
 def test_bench_reports_the_sparselora_warning(cache_dir, tmp_path, monkeypatch, capsys):
@@ -144,7 +144,7 @@ def test_bench_reports_the_sparselora_warning(cache_dir, tmp_path, monkeypatch, 
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "bench.json"
-    variant = "sparselora:method.dense_first_layers=2;method.dense_last_layers=1"
+    variant = "sparselora:method.mlp_sparsity=''"
     argv = ["--model", "tiny", "--methods", variant, "--steps", "1", "--warmup", "0", "--repeats", "1",
             "--threads", "1", "--batch", "2", "--seq", "16", "--no-bare", "--no-memory", "--no-startup",
             "--device", "cpu", "--out", str(out)]  # fmt: skip
@@ -154,4 +154,4 @@ def test_bench_reports_the_sparselora_warning(cache_dir, tmp_path, monkeypatch, 
     assert "WARNING: 0 of 2 layers sparse" in row
     res = json.loads(out.read_text())["results"][variant]
     assert res["method_metrics"]["sparselora_sparse_layers"] == 0
-    assert len(res["warnings"]) == 1 and "dense_first_layers=2" in res["warnings"][0]
+    assert len(res["warnings"]) == 1 and "method.mlp_sparsity=''" in res["warnings"][0]

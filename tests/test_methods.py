@@ -53,8 +53,8 @@ def test_method_contract(method_name, task, compose, tmp_path):
     extra = ["method.lr=1e-2", "train.log_every=1", "train.warmup_ratio=0"]
     if method_name == "sparselora":
         extra += [
-            "method.dense_first_layers=0",
-            "method.dense_last_layers=0",
+            "method.mlp_sparsity=0-1:0.5",
+            "method.attn_sparsity=0-1:0.5",
             "method.warmup_frac=0",
             "method.dense_output_tokens=false",
         ]
@@ -507,11 +507,9 @@ def test_sparse_lora_defaults_prune_after_the_adapters_learn(compose):
 def _sparselora_pair(compose, mlp, attn, *extra):
     """A LoRA and a SparseLoRA model with identical weights and non-zero B (so gradients reach A)."""
     common = [
-        "method.dense_first_layers=0",
-        "method.dense_last_layers=0",
         "method.warmup_frac=0",
-        f"method.mlp_sparsity={mlp}",
-        f"method.attn_sparsity={attn}",
+        f"method.mlp_sparsity=0-1:{mlp}",
+        f"method.attn_sparsity=0-1:{attn}",
         *extra,
     ]
     out = []
@@ -634,3 +632,166 @@ def test_baselines_refuse_target_modules_they_would_ignore(name, compose):
     cfg = compose("model=tiny", f"method={name}", "dataset=sst2", "method.target_modules=[q_proj]")
     with pytest.raises(UserError, match="does not apply"):
         get_method_class(name)(cfg.method, cfg.model, "classification").validate()
+
+
+# ----------------------------------------------------------------------------- SparseLoRA per layer
+
+
+@pytest.mark.parametrize(
+    "spec, n_layers, expected",
+    [
+        ("53%-95%:0.75", 30, {i: 0.75 for i in range(16, 29)}),  # the deep band: SmolLM2-135M's layers 16-28
+        ({"53%-95%": 0.75}, 32, {i: 0.75 for i in range(17, 31)}),  # an 8B Llama's 17-30, as the official recipes
+        ({"17-30": 0.95, "31": 0.5}, 32, {**{i: 0.95 for i in range(17, 31)}, 31: 0.5}),  # llama3-8b-glue's MLP
+        ("16-28:0.75,29:0.5", 30, {**{i: 0.75 for i in range(16, 29)}, 29: 0.5}),
+        ("3:0.5 5:0", 8, {3: 0.5}),  # spaces separate too; a 0 leaves the layer dense
+        ("", 30, {}),
+    ],
+)
+def test_per_layer_sparsity_maps_resolve_to_layers(spec, n_layers, expected):
+    from peft_lab.methods.sparselora import resolve_layer_map
+
+    assert resolve_layer_map("mlp_sparsity", spec, n_layers) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (0.5, "is not a per-layer map"),
+        ({"abc": 0.5}, "'abc', which is not a layer"),
+        ({"3": 1.0}, r"method.mlp_sparsity\['3'\]=1.0 is outside \[0, 1\)"),
+        ({"3": -0.1}, "is outside"),
+        ("16-28", "'16-28' is not layers:sparsity"),
+        ({"5-3": 0.5}, "empty or reversed range '5-3'"),
+        ({"3-5": 0.5, "5": 0.25}, "names layer 5 twice"),
+        ({"12": 0.5}, "names layer 12 .'12'., but the model has 8 layers .0-7."),
+    ],
+)
+def test_bad_per_layer_sparsity_maps_fail_with_the_fix(spec, message):
+    from peft_lab.errors import UserError
+    from peft_lab.methods.sparselora import resolve_layer_map
+
+    with pytest.raises(UserError, match=message):
+        resolve_layer_map("mlp_sparsity", spec, 8)
+
+
+def test_sparselora_layer_maps_are_checked_at_start_up_and_at_adapt(compose):
+    from peft_lab.errors import UserError
+
+    with pytest.raises(UserError, match=r"is outside \[0, 1\)"):  # before any weight loads
+        build_model(_cfg(compose, "sparselora", "sst2", "method.attn_sparsity=1:1.5"))
+    loaded, method, _ = build_model(_cfg(compose, "sparselora", "sst2", "method.mlp_sparsity=1-2:0.5"))
+    with pytest.raises(UserError, match="names layer 2 .'1-2'., but the model has 2 layers"):
+        method.adapt(loaded.model)
+    # the presets compose and load on the model they are for (32 layers); deep_band is the default
+    assert compose("method=sparselora").method.mlp_sparsity == {"53%-95%": 0.75}
+    glue = compose("method=sparselora", "method/sparsity=llama3_8b_glue").method
+    assert glue.mlp_sparsity == {"17-30": 0.95, "31": 0.5} and glue.sparse_eval is True
+    for preset in ("llama3_8b_glue", "llama3_8b_csr", "llama3_8b_math10k", "llama2_7b_math10k"):
+        m = compose("method=sparselora", f"method/sparsity={preset}").method
+        from peft_lab.methods.sparselora import resolve_layer_map
+
+        assert resolve_layer_map("mlp_sparsity", m.mlp_sparsity, 32) and 0 not in resolve_layer_map(
+            "attn_sparsity", m.attn_sparsity, 32
+        )
+
+
+def _sparselora_model(compose, *extra):
+    cfg = _cfg(compose, "sparselora", "wikitext2", "method.warmup_frac=0", "method.dense_output_tokens=false", *extra)
+    loaded, method, task = build_model(cfg)
+    model = method.adapt(loaded.model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.eval()
+    return model, method, loaded.tokenizer, task, cfg
+
+
+def test_sparselora_oracle_selector_equals_a_hand_masked_mlp(compose):
+    """The oracle keeps the channels with the largest true ||SiLU(gate(x)) * up(x)|| over the batch's tokens;
+    the result equals the dense LoRA MLP with every other intermediate channel zeroed by hand."""
+    import torch.nn.functional as F
+
+    from peft_lab.methods.sparselora import decoder_layers
+
+    model, method, *_ = _sparselora_model(
+        compose,
+        "method.selector=oracle",
+        "method.mlp_sparsity=0-1:0.75",
+        "model.target_modules=[gate_proj,up_proj,down_proj]",
+    )
+    mlp = decoder_layers(model)[1].mlp
+    assert type(mlp).__name__ == "SparseLlamaMLP" and mlp.oracle
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 64)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    method.controller.begin({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "causal_lm", True, False, False)
+    with torch.no_grad():
+        out = mlp(x)
+        act = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # the LoRA layers themselves, dense
+        keep = act.reshape(-1, 128).norm(dim=0).topk(32).indices  # 25 % of the 128 channels
+        mask = torch.zeros(128)
+        mask[keep] = 1
+        reference = mlp.down_proj(act * mask)
+        assert not torch.allclose(mlp.dense(x), reference, atol=1e-3)  # the masking matters
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_a_deep_copy_of_a_sparselora_model_computes_with_its_own_weights(compose):
+    import copy
+
+    model, method, tok, task, cfg = _sparselora_model(
+        compose, "method.mlp_sparsity=0-1:0.5", "method.attn_sparsity=0-1:0.5"
+    )
+    batch = training.collate(_examples(cfg, tok, "train", 2), task, tok)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        method.before_forward(batch, 5, 10, training=False)
+        method.controller.active = True
+        reference = model(**inputs).logits
+        twin = copy.deepcopy(model)
+        controllers = {id(m.controller) for m in twin.modules() if hasattr(m, "controller")}
+        assert len(controllers) == 1 and id(method.controller) not in controllers  # its own, shared by its layers
+        twin_ctl = next(m.controller for m in twin.modules() if hasattr(m, "controller"))
+        for name, p in model.named_parameters():  # spoil the original's projections
+            if any(k in name for k in ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")):
+                p.add_(1.0)
+        twin_ctl.begin(batch, task, True, False, count=True)
+        assert torch.allclose(twin(**inputs).logits, reference, atol=1e-5)
+    skipped = twin_ctl.report()
+    assert (
+        skipped["sparselora_mlp_flops_skipped"] == pytest.approx(0.5) and skipped["sparselora_attn_flops_skipped"] > 0.4
+    )
+
+
+def test_sparselora_cooldown_runs_the_last_steps_dense(compose):
+    _, method, _ = build_model(
+        _cfg(compose, "sparselora", "wikitext2", "method.warmup_frac=0.1", "method.cooldown_frac=0.2")
+    )
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    active = []
+    for step in range(10):
+        method.before_forward(batch, step, 10, training=True)
+        active.append(method.controller.active)
+    assert active == [False] + [True] * 7 + [False] * 2
+    # off by default: sparse to the last step
+    _, method, _ = build_model(_cfg(compose, "sparselora", "wikitext2"))
+    method.before_forward(batch, 9, 10, training=True)
+    assert method.controller.active
+
+
+def test_sparselora_classification_run_reports_dense_and_sparse_test_accuracy(run_cli, tmp_path):
+    from conftest import TINY, read_metrics
+
+    proc = run_cli("method=sparselora", "dataset=sst2", "dataset.source=synthetic", "dataset.synthetic_train_size=64",
+                   "dataset.max_test_samples=32", "dataset.test_split=null", "method.mlp_sparsity=0-1:0.9",
+                   "method.attn_sparsity=0-1:0.75", "method.dense_output_tokens=false", *TINY,
+                   "hydra.run.dir=run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = read_metrics(tmp_path / "run")
+    test = record["test"]
+    assert test["accuracy_dense"] == test["accuracy"] == record["main_metric_value"]  # dense is the main one
+    assert 0 <= test["accuracy_sparse"] <= 1
+    assert record["method_metrics"]["sparselora_mlp_layers"] == {"0": 0.9, "1": 0.9}

@@ -98,6 +98,18 @@ class Method:
         or [batch, seq] token ids with -100 where nothing is predicted), already on the device.
         ``step``: optimizer steps done so far (0-based); ``total``: planned steps (1 in evaluation)."""
 
+    def eval_modes(self) -> list[str]:
+        """Names of the ways this method can evaluate, the main one first (e.g. SparseLoRA on classification:
+        ``["dense", "sparse"]``); empty when there is one way. The pipeline evaluates the test split in every
+        mode and records ``test["<metric>_<mode>"]``."""
+        return []
+
+    def eval_mode(self, mode: str) -> Any:
+        """A context manager under which evaluation runs in ``mode`` (one of ``eval_modes()``)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def extra_loss(self, model: Any) -> Any:
         """A scalar tensor added to the loss once per optimizer step (e.g. an L1 penalty), or None."""
         return None
