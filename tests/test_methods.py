@@ -495,6 +495,22 @@ def test_sparse_lora_mask_freezes_at_the_end_of_the_ramp_at_the_target(compose):
     assert method.metrics(None)["sparsity_achieved"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_sparse_lora_at_sparsity_zero_trains_exactly_as_lora(compose, tmp_path):
+    """The study's sparsity-0 point is LoRA: same init, same steps, the same weights bit for bit."""
+    weights = {}
+    for name, extra in (("lora", []), ("sparse", ["method.sparsity=0"])):
+        cfg = _cfg(compose, name, "sst2", *extra)
+        loaded, method, task = build_model(cfg)
+        torch.manual_seed(0)
+        model = method.adapt(loaded.model)
+        examples = _examples(cfg, loaded.tokenizer, "train", 32)
+        torch.manual_seed(0)
+        _train(model, method, cfg, loaded.tokenizer, task, examples, tmp_path / name, steps=4)
+        weights[name] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert weights["lora"].keys() == weights["sparse"].keys()
+    assert all(torch.equal(weights["lora"][n], weights["sparse"][n]) for n in weights["lora"])
+
+
 def test_sparse_lora_defaults_prune_after_the_adapters_learn(compose):
     _, method, _ = build_model(_cfg(compose, "sparse", "sst2"))
     assert method.window(100) == (25, 75)
