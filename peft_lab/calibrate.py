@@ -197,9 +197,10 @@ def near_chance(measured: dict, sparsity: float) -> tuple[float, bool]:
     return mean, (mean - chance) / max(1e-9, 1 - chance) < 0.2
 
 
-def preset_yaml(chosen: dict[int, float], header: list[str]) -> str:
+def preset_yaml(chosen: dict[int, float], header: list[str], method_cfg: Any) -> str:
     """The preset file: a ``# @package _global_.method`` YAML with ``mlp_sparsity`` (ranges of equal
-    sparsity merged) and a dense ``attn_sparsity``."""
+    sparsity merged), a dense ``attn_sparsity``, and the method keys the measurement depends on
+    (``selector: svd``, ``estimator_rank``, ``dense_output_tokens``), so a run with the preset runs as measured."""
     entries, items = [], sorted(chosen.items())
     i = 0
     while i < len(items):
@@ -212,7 +213,12 @@ def preset_yaml(chosen: dict[int, float], header: list[str]) -> str:
         i = j + 1
     body = "{" + ", ".join(entries) + "}"
     lines = ["# @package _global_.method", *[f"# {h}" if h else "#" for h in header]]
-    return "\n".join(lines + [f"mlp_sparsity: {body}", "attn_sparsity: {}", ""])
+    measured_under = [
+        "selector: svd",
+        f"estimator_rank: {int(method_cfg.estimator_rank)}",
+        f"dense_output_tokens: {str(bool(method_cfg.dense_output_tokens)).lower()}",
+    ]
+    return "\n".join(lines + [f"mlp_sparsity: {body}", "attn_sparsity: {}", *measured_under, ""])
 
 
 def table(measured: dict, sparsities: list[float], chosen: dict[int, float]) -> list[str]:
@@ -245,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return run(args)
@@ -265,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
         raise fail(f"--target {args.target} is outside (0, 1)", "give the share of FLOPs to skip, e.g. 0.2")
     if args.budget <= 0:
         raise fail(f"--budget {args.budget} is not positive", "give a relative error, e.g. 0.2")
+    if args.name and args.out:
+        raise fail(
+            "--name and --out both name the file", "give one: --name NAME (in conf/method/sparsity/) or --out PATH"
+        )
     if args.batches < 1 or args.batch_size < 1:
         raise fail("--batches and --batch-size must be >= 1", "give e.g. --batches 4 --batch-size 16")
     cfg = compose(list(args.overrides))
@@ -323,19 +333,30 @@ def run(args: argparse.Namespace) -> int:
         "",
         *lines,
         *warnings,
-        f"use: python train.py method=sparselora method/sparsity={Path(out).stem}",
+        f"use: {use_line(args.overrides, Path(out))}",
     ]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(preset_yaml(chosen, header))
+    tmp.write_text(preset_yaml(chosen, header, cfg.method))
     tmp.replace(out)
     print(f"wrote {out}: MLP sparse in {len(chosen)} layers, {100 * share:.1f} % of base-linear FLOPs planned skipped")
-    if out.parent.resolve() == PRESETS.resolve():
-        print(f"use it: python train.py method=sparselora method/sparsity={out.stem}")
-    else:
-        print(f"use it: copy it to {PRESETS}/ and pass method=sparselora method/sparsity={out.stem}")
+    print(f"use it: {use_line(args.overrides, out)}")
     return 0
+
+
+def use_line(overrides: list[str], out: Path) -> str:
+    """The train.py command that runs with the written preset: the calibration's own overrides (model, dataset, ...)
+    and, for a file outside conf/method/sparsity/, Hydra's search path to its conf root."""
+    extra = [o for o in overrides if not o.startswith("method=")]
+    cmd = ["python train.py method=sparselora", f"method/sparsity={out.stem}", *extra]
+    out = out.resolve()
+    if out.parent != PRESETS.resolve():
+        if out.parent.parts[-2:] == ("method", "sparsity"):
+            cmd.append(f"'hydra.searchpath=[file://{out.parent.parent.parent}]'")
+        else:
+            return f"move it into a folder <root>/method/sparsity/ and run {' '.join(cmd)} 'hydra.searchpath=[file://<root>]'"
+    return " ".join(cmd)
 
 
 if __name__ == "__main__":

@@ -545,13 +545,26 @@ def _label_rows(runs: list[Run], drop: tuple = ()) -> None:
         )
     for r, v in zip(runs, variants):
         keys = sorted(varying.get(r.method, ()), key=_label_priority)
+        # a study point (+variant=NAME, conf/variant/) names the method settings it sets: its name stands for them
+        named = _variant_name(r)
+        covered = [k for k in keys if named and k.startswith("method.")]
+        keys = [k for k in keys if k not in covered]
         shown = [k for k in keys if not ("model.name" in keys and k.startswith("model.") and k != "model.name")]
         parts = [f"{k}={json.dumps(v[k], default=str) if not isinstance(v.get(k), str) else v[k]}" if k in v
                  else f"{k}=(unset)" for k in shown]  # fmt: skip
         if len(parts) > 4 or len(shown) < len(keys):  # the hash tells apart what the label leaves out
             digest = rf.fingerprint({k: v.get(k) for k in keys})[:6]
             parts = parts[:4] + [f"+{len(keys) - min(4, len(parts))} more #{digest}"]
+        if named and (covered or len({_variant_name(x) for x in runs if x.method == r.method}) > 1):
+            same = [w for x, w in zip(runs, variants) if x.method == r.method and _variant_name(x) == named]
+            if len({rf.fingerprint({k: w.get(k) for k in covered}) for w in same}) > 1:  # the variant file changed
+                named += f" #{rf.fingerprint({k: v.get(k) for k in covered})[:6]}"
+            parts = [f"variant={named}"] + parts
         r.row = r.method + (f" [{', '.join(parts)}]" if parts else "")
+
+
+def _variant_name(r: Run) -> Optional[str]:
+    return next((o.split("=", 1)[1] for o in r.overrides if o.lstrip("+").startswith("variant=")), None)
 
 
 def _label_priority(key: str) -> tuple:

@@ -219,6 +219,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     task = models.resolve_task(mc, plain(ds.task))
     method = get_method_class(cfg.method.name)(cfg.method, mc, task)
     method.validate()
+    method.check_overrides(list(record.overrides))
     record.task, record.main_metric = task, main_metric_name(ds, task)
 
     # --- data next (validated before torch and the model load: bad data fails in a second or two)

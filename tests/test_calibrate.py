@@ -29,6 +29,10 @@ def test_calibration_writes_a_preset_that_composes_and_loads(tmp_path, compose, 
     assert code == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
+    # the command it prints runs the preset on the same model and data, from wherever the file is
+    use = next(line for line in printed.splitlines() if line.startswith("use it: "))
+    assert "method/sparsity=mine" in use and "model.config_kwargs.num_hidden_layers=4" in use
+    assert f"hydra.searchpath=[file://{tmp_path / 'conf'}]" in use
     record = json.loads(measured.read_text())
     layers = record["measured"]["layers"]
     assert [layer["layer"] for layer in layers] == [0, 1, 2, 3]
@@ -44,6 +48,8 @@ def test_calibration_writes_a_preset_that_composes_and_loads(tmp_path, compose, 
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "method/sparsity=mine",
     )  # fmt: skip
     assert dict(cfg.method.mlp_sparsity) == {"2": 0.9} and dict(cfg.method.attn_sparsity) == {}
+    # the keys the measurement depends on travel with the map
+    assert (cfg.method.selector, cfg.method.estimator_rank, cfg.method.dense_output_tokens) == ("svd", 8, True)
     from conftest import build_model
 
     loaded, method, _ = build_model(cfg)

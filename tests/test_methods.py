@@ -811,3 +811,48 @@ def test_sparselora_classification_run_reports_dense_and_sparse_test_accuracy(ru
     assert test["accuracy_dense"] == test["accuracy"] == record["main_metric_value"]  # dense is the main one
     assert 0 <= test["accuracy_sparse"] <= 1
     assert record["method_metrics"]["sparselora_mlp_layers"] == {"0": 0.9, "1": 0.9}
+
+
+def test_sparse_lora_whose_schedule_ends_after_the_run_fails(compose):
+    from peft_lab.errors import UserError
+
+    cfg = _cfg(compose, "sparse", "sst2", "method.start_step=100", "method.end_step=200")
+    loaded, method, _ = build_model(cfg)
+    model = method.adapt(loaded.model)
+    for step in range(1, 6):
+        method.after_optimizer_step(model, step, 6)
+    with pytest.raises(UserError, match=r"reached sparsity 0.000 of its target 0.5 by the run's last step \(6\)"):
+        method.after_optimizer_step(model, 6, 6)
+
+
+def test_sparselora_refuses_a_map_given_as_a_mapping_on_the_command_line(compose):
+    from peft_lab.errors import UserError
+
+    _, method, _ = build_model(_cfg(compose, "sparselora", "sst2"))
+    for override in ("method.mlp_sparsity={0-1:0.5}", "+method.mlp_sparsity={0-1:0.5}", "method.attn_sparsity.1=0.5"):
+        with pytest.raises(UserError, match="merges a mapping .* instead of replacing it"):
+            method.check_overrides(["seed=0", override])
+    method.check_overrides(["method.mlp_sparsity=0-1:0.5", "method.attn_sparsity=''"])  # the string form is fine
+
+
+def test_sparselora_map_values_and_repeated_layers_are_checked_before_loading(compose):
+    from peft_lab.errors import UserError
+    from peft_lab.methods.sparselora import check_layer_map
+
+    with pytest.raises(UserError, match=r"\['1'\]='0.3' is not a number"):
+        check_layer_map("mlp_sparsity", {"1": "0.3"})
+    with pytest.raises(UserError, match="names layer 3 twice"):
+        check_layer_map("mlp_sparsity", {"1-3": 0.5, "3-4": 0.5})
+
+
+def test_sparselora_on_plain_lm_data_warns_that_nothing_ran_sparse(compose, tmp_path, caplog):
+    import logging
+
+    cfg = _cfg(compose, "sparselora", "wikitext2", "method.mlp_sparsity=0-1:0.5")  # output tokens dense: all of them
+    loaded, method, task = build_model(cfg)
+    model = method.adapt(loaded.model)
+    with caplog.at_level(logging.WARNING, logger="peft_lab.methods.sparselora"):
+        _train(model, method, cfg, loaded.tokenizer, task, _examples(cfg, loaded.tokenizer, "train", 16), tmp_path, 2)
+        report = method.metrics(model)
+    assert report["sparselora_flops_skipped"] == 0.0
+    assert len(report["sparselora_warnings"]) == 1 and "every token" in report["sparselora_warnings"][0]

@@ -172,3 +172,17 @@ def test_sweep_without_sparse_methods_has_no_sparsity_study(tmp_path):
     assert not list((sweep / "report").glob("sparsity_*.png"))
     assert "Sparsity study" not in paths["markdown"].read_text()
     assert report.sparsity_study(report.load_runs(sweep)) == {}
+
+
+def test_study_points_are_labelled_by_their_variant_name(tmp_path):
+    """conf/variant/ points set many method keys (a whole per-layer map): the row says which point it is."""
+    sweep = tmp_path / "sweep"
+    maps = {"sparselora": {"53%-95%": 0.75}, "sparselora_f15": {"22": 0.9, "24-28": 0.9}}
+    for name, mlp in maps.items():
+        for seed in (0, 1):
+            cfg = {"method": {"name": "sparselora", "mlp_sparsity": mlp}, "seed": seed}
+            save_run(sweep, "sparselora", seed, 0.8, prefix=f"+variant={name},", config=cfg,
+                     overrides=[f"+variant={name}", f"seed={seed}"],
+                     method_metrics={"sparselora_flops_skipped": 0.2})  # fmt: skip
+    runs = report.load_runs(sweep)
+    assert sorted({r.row for r in runs}) == ["sparselora [variant=sparselora]", "sparselora [variant=sparselora_f15]"]

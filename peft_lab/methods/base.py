@@ -45,6 +45,10 @@ class Method:
         check_lr(self.cfg.lr)
         self.target_modules()
 
+    def check_overrides(self, overrides: list[str]) -> None:
+        """Refuse command-line overrides (Hydra's ``key=value`` strings) that Hydra would apply other than the user
+        means, e.g. a mapping merged into a preset's mapping. Raises UserError."""
+
     def target_modules(self) -> list[str]:
         """Method override, else the model's per-method list, else its default list."""
         targets = self.cfg.target_modules

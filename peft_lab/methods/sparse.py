@@ -198,6 +198,16 @@ class Method(lora.Method):
                 self.frozen = True
                 self.shadow, self.importance = {}, {}
         self.apply_masks()
+        if step >= total and not self.frozen:
+            c = self.cfg
+            when = f"prune_step={c.prune_step}" if c.schedule == "oneshot" else f"end_step={end}"
+            raise fail(
+                f"Sparse LoRA reached sparsity {self.current:.3f} of its target {c.sparsity} by the run's last step "
+                f"({total}): the schedule ({plain(c.schedule)}, {when}) ends after the run, so the result would be "
+                "reported as sparse when it is not",
+                "give method.start_step / end_step / prune_step within the run's steps, or -1 for the defaults "
+                "(25-75 % of the steps, one-shot half-way)",
+            )
 
     def _score(self, name: str, p: Any) -> Any:
         if self.cfg.score == "importance" and name in self.importance:

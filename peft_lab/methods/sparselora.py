@@ -111,15 +111,20 @@ def layer_map_items(name: str, spec: Any) -> list[tuple[str, Any]]:
 
 
 def check_layer_map(name: str, spec: Any) -> None:
-    """Start-up check of a per-layer map (no layer count needed): key syntax, values in [0, 1).
-    Raises UserError naming the key and the fix."""
+    """Start-up check of a per-layer map (no layer count needed): key syntax, values in [0, 1), no layer index
+    named twice. Raises UserError naming the key and the fix."""
+    seen: set[int] = set()
     for key, value in layer_map_items(name, spec):
         if not (KEY.match(key) or PCT_KEY.match(key)):
             raise fail(
                 f"method.{name} has the key '{key}', which is not a layer",
                 'use a layer index ("17"), an inclusive range ("17-30") or a share of the depth ("53%-95%")',
             )
-        if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(
+                f"method.{name}['{key}']={value!r} is not a number", "give the share of channels skipped, e.g. 0.75"
+            )
+        if not 0.0 <= float(value) < 1.0:
             raise fail(
                 f"method.{name}['{key}']={value} is outside [0, 1)", "give the share of channels skipped, e.g. 0.75"
             )
@@ -127,6 +132,11 @@ def check_layer_map(name: str, spec: Any) -> None:
         lo, hi = (int(m[1]), int(m[2] or m[1])) if m else (float(p[1]), float(p[2]))
         if hi < lo or (p and hi > 100):
             raise fail(f"method.{name} has the empty or reversed range '{key}'", "write it low-high, e.g. 17-30")
+        if m:  # layer indices: a layer named twice is an error before any model is loaded
+            for i in range(lo, hi + 1):
+                if i in seen:
+                    raise fail(f"method.{name} names layer {i} twice (again in '{key}')", "give each layer once")
+                seen.add(i)
 
 
 def resolve_layer_map(name: str, spec: Any, n_layers: int) -> dict[int, float]:
@@ -141,8 +151,10 @@ def resolve_layer_map(name: str, spec: Any, n_layers: int) -> dict[int, float]:
             lo, hi = int(m[1]), int(m[2] or m[1])
             if hi >= n_layers:
                 raise fail(
-                    f"method.{name} names layer {hi} ('{key}'), but the model has {n_layers} layers (0-{n_layers - 1})",
-                    "name layers that exist, or give the band as a share of the depth, e.g. '53%-95%'",
+                    f"method.{name} names layer {hi} ('{key}'), but the model has {n_layers} layers (0-{n_layers - 1}): "
+                    "this map (or method/sparsity preset) is for a deeper model",
+                    f"use method/sparsity=deep_band (a share of the depth, fits any model), run python -m "
+                    f"peft_lab.calibrate for this model, or name layers 0-{n_layers - 1}",
                 )
             layers = range(lo, hi + 1)
         else:
@@ -188,6 +200,22 @@ class Method(lora.Method):
                 f"SparseLoRA serves Llama-style decoders; model '{self.model_cfg.name}' is an encoder",
                 "use method=lora (or hira/qlora/sparse) on this model, or a Llama-family model",
             )
+
+    def check_overrides(self, overrides: list[str]) -> None:
+        for o in overrides:
+            key, _, value = o.lstrip("+~").partition("=")
+            if (
+                key.startswith("method.")
+                and key.split(".")[1] in ("mlp_sparsity", "attn_sparsity")
+                and (value.lstrip().startswith("{") or key.count(".") > 1)
+            ):
+                name = key.split(".")[1]
+                raise fail(
+                    f"'{o}': Hydra merges a mapping given on the command line into the preset's map "
+                    f"({_show(getattr(self.cfg, name))}) instead of replacing it",
+                    f"give the whole map as a string, e.g. method.{name}=16-28:0.75 or "
+                    f"\"method.{name}='16-28:0.75,29:0.5'\" ('' for none), or pick another method/sparsity preset",
+                )
 
     def adapt(self, model: Any) -> Any:
         model = super().adapt(model)
@@ -255,6 +283,20 @@ class Method(lora.Method):
         the per-layer sparsities in force and ``sparselora_warnings`` (a list of messages, empty when none)."""
         out = self.controller.report()
         out["sparselora_selector"] = plain(self.cfg.selector)
+        ctl = self.controller
+        msg = None
+        if self.layer_counts and self.layer_counts[0] and ctl.flops["mlp"][0] and ctl.sparse_seen == 0:
+            msg = (
+                "SparseLoRA ran no step sparse: the dense warm-up (method.warmup_frac) and cool-down "
+                "(method.cooldown_frac) covered every training step, so it trained as dense LoRA. Fix: lower them"
+                if ctl.active_batches == 0
+                else "SparseLoRA ran no token sparse: every token of every training batch was an output token "
+                "(method.dense_output_tokens=true on plain language-modelling data), so it trained as dense LoRA. "
+                "Fix: prompt-masked data (labels -100 on the prompt), or method.dense_output_tokens=false"
+            )
+        if msg is not None and msg not in self.warnings:
+            log.warning(msg)
+            self.warnings.append(msg)
         if self.layer_counts is not None:
             out["sparselora_sparse_layers"], out["sparselora_layers"] = self.layer_counts
             out["sparselora_mlp_layers"] = {str(i): s for i, s in self.layer_sparsity["mlp"].items()}
@@ -297,6 +339,8 @@ class Controller:
         self.dense_rows: Optional[Any] = None
         self.flops = {"mlp": [0, 0], "attn": [0, 0]}  # kind -> [dense-equivalent, computed], all layers
         self.per_token = {"mlp": 0, "attn": 0}  # base-linear multiply-adds per token over all layers (set by adapt)
+        self.sparse_seen = 0  # context tokens in counted (training) batches while sparsity was on
+        self.active_batches = 0  # counted (training) batches with sparsity on
 
     def begin(self, batch: dict, task: str, active: bool, dense_outputs: bool, count: bool) -> None:
         import torch
@@ -313,6 +357,9 @@ class Controller:
         flat = dense.flatten()
         self.dense_rows = flat.nonzero().squeeze(1)
         self.sparse_rows = (~flat).nonzero().squeeze(1)
+        if count and active:
+            self.active_batches += 1
+            self.sparse_seen += self.sparse_rows.numel()
         if count:  # every layer's dense cost; the sparse modules take off what they skip (``tally``)
             for kind, cost in self.per_token.items():
                 self.flops[kind][0] += flat.numel() * cost
