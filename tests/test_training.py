@@ -191,9 +191,9 @@ def test_grad_accum_over_a_short_last_micro_batch_equals_one_big_batch(compose, 
 def test_extra_loss_counts_once_per_step_whatever_the_accumulation(compose, tmp_path):
     """Sparse's L1 penalty is added once per optimizer step: 8 + 4 micro-batches == one batch of 12."""
     examples = _examples("classification", [5, 9, 17, 6, 12, 20, 7, 15, 11, 8, 19, 4])
-    # no pruning yet (start_step 5): after one Adam step many |w| tie, and ties make the masks arbitrary
+    # no pruning (sparsity 0, the penalty alone): after one Adam step many |w| tie, and ties make masks arbitrary
     common = ["method=sparse", "method.criterion=l1", "method.l1_lambda=0.01", "method.lora_dropout=0",
-              "method.start_step=5", "dataset=sst2", "train.max_steps=1", "train.max_grad_norm=0"]  # fmt: skip
+              "method.sparsity=0", "dataset=sst2", "train.max_steps=1", "train.max_grad_norm=0"]  # fmt: skip
     acc = [*common, "train.batch_size=8", "train.grad_accum=2"]
     w_acc, r_acc, reference, penalty = _trained(compose, tmp_path / "acc", acc, examples)
     w_one, r_one, _, _ = _trained(
