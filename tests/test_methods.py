@@ -533,14 +533,19 @@ def _sparselora_pair(compose, mlp, attn, *extra):
         cfg = _cfg(compose, name, "wikitext2", *(common if name == "sparselora" else []))
         loaded, method, task = build_model(cfg)
         torch.manual_seed(0)
-        model = method.adapt(loaded.model)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn_like(p) * 0.1)
+        model = _random_b(method.adapt(loaded.model))
         out.append((model, method, loaded.tokenizer, task, cfg))
     return out
+
+
+def _random_b(model):
+    """LoRA's B is zero at init; a random B (seeded) makes the adapters change outputs and pass gradients to A."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
 
 
 def test_sparselora_at_sparsity_zero_equals_lora(compose):
@@ -715,12 +720,7 @@ def test_sparselora_layer_maps_are_checked_at_start_up_and_at_adapt(compose):
 def _sparselora_model(compose, *extra):
     cfg = _cfg(compose, "sparselora", "wikitext2", "method.warmup_frac=0", "method.dense_output_tokens=false", *extra)
     loaded, method, task = build_model(cfg)
-    model = method.adapt(loaded.model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
+    model = _random_b(method.adapt(loaded.model))
     model.eval()
     return model, method, loaded.tokenizer, task, cfg
 
