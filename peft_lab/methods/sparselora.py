@@ -414,9 +414,9 @@ def module_classes() -> tuple[type, type, type]:
             shape = x.shape[:-1]
             n = x[..., 0].numel()
             dense_flops = n * self.in_features * self.out_features
-            sel = self.channels.select(x, self.role) if ctl.active and self.role != "o" else None
-            if self.role == "o" and ctl.active:
-                sel = self.channels.current("o")
+            sel = None  # o's channels were chosen from q/k/v's input, earlier in the same batch
+            if ctl.active:
+                sel = self.channels.current("o") if self.role == "o" else self.channels.select(x, self.role)
             if sel is None:
                 ctl.tally("attn", dense_flops, dense_flops)
                 return F.linear(x, self.weight, self.bias)
