@@ -201,17 +201,9 @@ def preset_yaml(chosen: dict[int, float], header: list[str], method_cfg: Any) ->
     """The preset file: a ``# @package _global_.method`` YAML with ``mlp_sparsity`` (ranges of equal
     sparsity merged), a dense ``attn_sparsity``, and the method keys the measurement depends on
     (``selector: svd``, ``estimator_rank``, ``dense_output_tokens``), so a run with the preset runs as measured."""
-    entries, items = [], sorted(chosen.items())
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1][0] == items[j][0] + 1 and items[j + 1][1] == items[i][1]:
-            j += 1
-        lo, hi = items[i][0], items[j][0]
-        key = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        entries.append(f'"{key}": {items[i][1]:g}')
-        i = j + 1
-    body = "{" + ", ".join(entries) + "}"
+    from peft_lab.methods.sparselora import layer_ranges
+
+    body = "{" + ", ".join(f'"{key}": {s:g}' for key, s in layer_ranges(chosen)) + "}"
     lines = ["# @package _global_.method", *[f"# {h}" if h else "#" for h in header]]
     measured_under = [
         "selector: svd",

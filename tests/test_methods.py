@@ -708,10 +708,10 @@ def test_sparselora_layer_maps_are_checked_at_start_up_and_at_adapt(compose):
     assert compose("method=sparselora").method.mlp_sparsity == {"53%-95%": 0.75}
     glue = compose("method=sparselora", "method/sparsity=llama3_8b_glue").method
     assert glue.mlp_sparsity == {"17-30": 0.95, "31": 0.5} and glue.sparse_eval is True
+    from peft_lab.methods.sparselora import resolve_layer_map
+
     for preset in ("llama3_8b_glue", "llama3_8b_csr", "llama3_8b_math10k", "llama2_7b_math10k"):
         m = compose("method=sparselora", f"method/sparsity={preset}").method
-        from peft_lab.methods.sparselora import resolve_layer_map
-
         assert resolve_layer_map("mlp_sparsity", m.mlp_sparsity, 32) and 0 not in resolve_layer_map(
             "attn_sparsity", m.attn_sparsity, 32
         )

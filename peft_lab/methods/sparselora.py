@@ -309,20 +309,21 @@ def _show(spec: Any) -> str:
     return str(dict(spec)) if hasattr(spec, "items") else repr(spec)
 
 
+def layer_ranges(layers: dict[int, float]) -> list[tuple[str, float]]:
+    """A resolved map written back with runs of consecutive layers at equal sparsity merged:
+    {16: 0.75, ..., 28: 0.75, 31: 0.5} -> [("16-28", 0.75), ("31", 0.5)] (keys as the maps take them)."""
+    runs: list[list] = []  # [first, last, sparsity]
+    for i, s in sorted(layers.items()):
+        if runs and i == runs[-1][1] + 1 and s == runs[-1][2]:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, s])
+    return [(f"{lo}" if lo == hi else f"{lo}-{hi}", s) for lo, hi, s in runs]
+
+
 def _ranges(layers: dict[int, float]) -> str:
     """'16-28 at 0.75, 31 at 0.5' for {16: 0.75, ..., 28: 0.75, 31: 0.5}; 'none' when empty."""
-    if not layers:
-        return "none"
-    parts, items = [], sorted(layers.items())
-    start, prev, value = items[0][0], items[0][0], items[0][1]
-    for i, s in items[1:] + [(None, None)]:
-        if i is not None and i == prev + 1 and s == value:
-            prev = i
-            continue
-        parts.append(f"{start}{'' if start == prev else f'-{prev}'} at {value:g}")
-        if i is not None:
-            start, prev, value = i, i, s
-    return ", ".join(parts)
+    return ", ".join(f"{key} at {s:g}" for key, s in layer_ranges(layers)) or "none"
 
 
 # ----------------------------------------------------------------------------- per-batch state
