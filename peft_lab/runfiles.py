@@ -444,6 +444,7 @@ NON_COMPUTATIONAL = (
     "train.checkpoint_every",
     "train.save_adapter",
     "train.num_workers",
+    "train.compile",  # an execution detail, like the thread count
     "method.lr_grid",  # what a protocol may try; a run trains with method.lr alone
 )
 

@@ -197,6 +197,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (open: any torch device string)
     threads: int = 0  # torch threads per job; 0: cores / parallel jobs
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model's forward for training
     num_workers: int = 0
 
 
@@ -237,6 +238,10 @@ class ClusterConfig:
 
     name: str = MISSING
     parallel: int = 1  # local: cells run at once
+    nproc_per_cell: int = 1  # local: processes (data-parallel ranks) per cell; one CUDA device each on a GPU machine
+    nodes: int = 1  # slurm: nodes per array task (one cell)
+    tasks_per_node: int = 1  # slurm: processes (data-parallel ranks) per node; set gpus_per_node to match on GPUs
+    max_array_size: Optional[int] = None  # slurm: tasks per array job; null: MaxArraySize - 1 from scontrol show config
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None

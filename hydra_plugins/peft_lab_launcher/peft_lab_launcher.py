@@ -28,6 +28,7 @@ class PeftLabSlurmConf(submitit_config.SlurmQueueConf):
 
     _target_: str = "hydra_plugins.peft_lab_launcher.peft_lab_launcher.SlurmCellLauncher"
     max_num_timeout: int = 3  # runs resume from their checkpoint, so a timed-out task may be requeued
+    max_array_size: Optional[int] = None  # tasks per array job; null: MaxArraySize - 1 from scontrol show config
 
 
 @dataclass
