@@ -242,7 +242,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     # --- model + method
     loaded, model, base_footprint = build_model(cfg, method, task, device, prec.weight_dtype)
     models.check_input_length(ds, task, loaded.model.config if hasattr(loaded.model, "config") else model.config)
-    record.weight_dtype, record.compute_dtype = _dtypes(model, prec)
+    record.weight_dtype, record.compute_dtype, record.trainable_dtype = _dtypes(model, prec)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.train, ds.max_train_samples)
     select_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.select, ds.select_size if ds.select_split else None)
     test_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.test, ds.max_test_samples if ds.test_split else None)
@@ -381,12 +381,27 @@ def build_model(cfg: DictConfig, method: Any, task: str, device: str, dtype: Any
     loaded.model = method.prepare_base(loaded.model)
     base_footprint = loaded.model.get_memory_footprint()
     model = method.adapt(loaded.model)
+    trainable_in_fp32(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if not getattr(model, "is_loaded_in_4bit", False):  # 4-bit weights were placed by device_map
         model.to(device)
     return loaded, model, base_footprint
+
+
+def trainable_in_fp32(model: Any) -> int:
+    """Cast every trainable floating-point parameter that is not fp32 to fp32, in place (a bf16 / fp16 base
+    gives its adapters and trainable head copies its own dtype unless PEFT casts them); returns how many
+    were cast. The optimizer then updates fp32 master weights while the frozen base stays low-precision."""
+    import torch
+
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
 
 
 def _since_start(t: Optional[float]) -> Optional[float]:
@@ -437,10 +452,12 @@ class Precision:
 
 
 def resolve_precision(precision: str, device: str) -> Precision:
-    """``train.precision`` -> Precision. auto: bf16 autocast on a CUDA device with bf16, else fp32.
+    """``train.precision`` -> Precision. auto: bf16 on a CUDA device with bf16, else fp32.
 
-    bf16 / fp16 keep fp32 weights under autocast (the matmuls run in the low dtype); fp16 adds a
-    gradient scaler (``torch.amp.GradScaler``), as mixed-precision training needs.
+    bf16 / fp16 load the frozen base weights in that dtype and run under autocast in it; the trainable
+    weights stay fp32 (``build_model`` casts them), as PEFT's ``autocast_adapter_dtype`` and the QLoRA
+    recipe do, so the optimizer updates fp32 master weights. fp16 adds a gradient scaler
+    (``torch.amp.GradScaler``). Raises UserError for an unknown name.
     """
     import torch
 
@@ -453,19 +470,26 @@ def resolve_precision(precision: str, device: str) -> Precision:
         return Precision("fp32", torch.float32, None, contextlib.nullcontext, False)
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     low = dtypes[precision]
-    return Precision(precision, torch.float32, low, lambda: torch.autocast(dev_type, dtype=low), precision == "fp16")
+    return Precision(precision, low, low, lambda: torch.autocast(dev_type, dtype=low), precision == "fp16")
 
 
-def _dtypes(model: Any, prec: Precision) -> tuple[str, str]:
-    """(weight dtype, compute dtype) as they are, read from the model: a 4-bit base reports its
-    quant type and the bitsandbytes compute dtype; under autocast the compute dtype is autocast's."""
+def _dtypes(model: Any, prec: Precision) -> tuple[str, str, Optional[str]]:
+    """(frozen weight dtype, compute dtype, trainable dtype) as they are, read from the model: a 4-bit base
+    reports its quant type and the bitsandbytes compute dtype; under autocast the compute dtype is autocast's.
+    Several dtypes among the frozen (or trainable) weights are joined with ``+`` (e.g. ``bfloat16+float32``)."""
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+
+    def names(params: list) -> Optional[str]:
+        seen = sorted({name(p.dtype) for p in params if p.is_floating_point()})
+        return "+".join(seen) if seen else None
+
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = names([p for p in model.parameters() if p.requires_grad])
     weight = name(frozen[0].dtype) if frozen else name(prec.weight_dtype)
     compute = name(prec.compute) if prec.compute is not None else weight
     if quant is not None and getattr(quant, "load_in_4bit", False):
         weight = f"4bit-{quant.bnb_4bit_quant_type}"
         if prec.compute is None:
             compute = name(quant.bnb_4bit_compute_dtype)
-    return weight, compute
+    return weight, compute, trainable

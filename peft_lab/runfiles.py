@@ -226,6 +226,7 @@ class RunRecord:
     precision: Optional[str] = None  # train.precision as resolved: fp32 | bf16 | fp16
     weight_dtype: Optional[str] = None  # dtype of the frozen base weights (4-bit: uint8 storage)
     compute_dtype: Optional[str] = None  # dtype of the matmuls (autocast dtype, or the weight dtype)
+    trainable_dtype: Optional[str] = None  # dtype of the trained weights (fp32 master weights under bf16 / fp16)
     grad_scaler: Optional[bool] = None
     model_source: Optional[str] = None
     base_model_folder: Optional[str] = None

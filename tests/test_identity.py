@@ -198,8 +198,8 @@ def test_local_cells_get_one_device_each(monkeypatch, caplog):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (("train.precision=bf16",), ("bf16", "float32", "bfloat16", False)),
-        (("train.precision=fp16",), ("fp16", "float32", "float16", True)),
+        (("train.precision=bf16",), ("bf16", "bfloat16", "bfloat16", False)),
+        (("train.precision=fp16",), ("fp16", "float16", "float16", True)),
         (("method=qlora",), ("fp32", "4bit-nf4", "float32", False)),
     ],
 )
@@ -210,3 +210,4 @@ def test_precision_is_recorded_as_it_ran(extra, expected, compose, tmp_path):
     rec = runfiles.read_record(tmp_path / "run")
     assert rec.status == Status.completed and math.isfinite(rec.final_train_loss)
     assert (rec.precision, rec.weight_dtype, rec.compute_dtype, rec.grad_scaler) == expected
+    assert rec.trainable_dtype == "float32"  # master weights: the optimizer never updates bf16 / fp16 values
