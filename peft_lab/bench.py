@@ -9,11 +9,23 @@ and each method, on the current device:
   the block medians, with the spread of the block medians;
 - tokens/s (batch × sequence / step time); the default task is SST-2's (classification,
   random tokens, only the pooled last token an output token), ``--task causal_lm`` the other;
-- peak memory: CUDA max allocated per block; on CPU each method's peak RSS while training
+- peak memory: on CUDA, the method's own resident bytes (allocated when it was built: every
+  method's model stays on the device) plus what its block added at its peak (CUDA max allocated
+  over the block minus allocated at its start); on CPU each method's peak RSS while training
   in a fresh process of its own (``--memory``; the peak is reset after the model is loaded,
   so loading's transient does not hide the difference between methods);
 - model footprint (parameters + buffers), the method's own figures (QLoRA's 4-bit
-  linear bytes, SparseLoRA's FLOPs skipped).
+  linear bytes, SparseLoRA's FLOPs skipped);
+- the dtypes as built (``run._dtypes``): frozen weights, compute (autocast), trainable weights;
+- MFU, model FLOPs utilisation: ``6 · N · tokens/s / peak``, N the model's parameter count
+  (the whole model, frozen base included; the adapter counted too). 6N FLOPs per token is the
+  usual training estimate: 2N forward + 4N backward (Kaplan et al. 2020, "Scaling Laws for
+  Neural Language Models", section 2.1; PaLM, Chowdhery et al. 2022, appendix B, which defines
+  MFU this way and adds an attention term we leave out). A PEFT step does less work than 6N (a
+  frozen weight gets no weight gradient: about 4N), and SparseLoRA skips part of it, so MFU here
+  is a throughput figure on a common scale, not the share of the peak the GPU was busy. The
+  peak is the device's dense bf16 tensor peak (``PEAK_BF16_FLOPS``, keyed by CUDA device name),
+  or ``--peak-tflops``; on a CPU or an unknown GPU MFU is left out unless that is given.
 
 Methods run through the framework's own path: the composed config, the method class,
 ``peft_lab.training.train`` (collate, hooks, scheduler, clipping, as a real run). A
@@ -47,6 +59,51 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "lora,qlora,hira,sparse,sparselora"
 BARE = "bare-lora"
 
+# Dense (no structured sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against
+# torch.cuda.get_device_name() in this order. Only parts whose name tells the variant apart: the NVL
+# cards (other clocks) and the A10G (AWS's part; no NVIDIA data sheet) are left unknown: --peak-tflops.
+PEAK_BF16_FLOPS = [
+    (r"\bH100 PCIe\b", 756e12),  # "NVIDIA H100 PCIe"
+    (r"\bG?H[12]00\b(?!.*\bNVL\b)", 989e12),  # H100 SXM ("NVIDIA H100 80GB HBM3"), H200 SXM, GH200
+    (r"\bA100\b", 312e12),  # SXM and PCIe alike
+    (r"\bL40S\b", 362e12),
+    (r"\bA10\b", 125e12),  # the A10 (not A10G)
+    (r"\bL4\b", 121e12),
+]
+
+
+def peak_bf16_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak FLOP/s of a CUDA device by its name, or None when not known."""
+    import re
+
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return flops
+    return None
+
+
+def peak_flops(peak_tflops: Optional[float], device: str) -> tuple[Optional[float], str]:
+    """(peak FLOP/s for MFU, where it came from): ``--peak-tflops``, else the CUDA device's dense bf16 peak
+    from ``PEAK_BF16_FLOPS``, else (a CPU, an unknown GPU) None."""
+    if peak_tflops:
+        return peak_tflops * 1e12, "--peak-tflops"
+    if not device.startswith("cuda"):
+        return None, "none on a CPU (give --peak-tflops)"
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    peak = peak_bf16_flops(name)
+    if peak is None:
+        return None, f"'{name}' not in bench.PEAK_BF16_FLOPS (give --peak-tflops)"
+    return peak, f"dense bf16 peak of '{name}' (bench.PEAK_BF16_FLOPS)"
+
+
+def mfu(total_params: Optional[int], tokens_per_s: Optional[float], peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation, 6 N tokens/s / peak (see the module docstring for the convention)."""
+    if not total_params or not tokens_per_s or not peak:
+        return None
+    return 6 * total_params * tokens_per_s / peak
+
 
 @dataclass
 class Result:
@@ -60,7 +117,11 @@ class Result:
     peak_memory_kind: str = ""
     footprint_mib: Optional[float] = None
     trainable_params: Optional[int] = None
-    total_params: Optional[int] = None  # for MFU: 6 * total_params * tokens_per_s / peak FLOP/s (approx.)
+    total_params: Optional[int] = None  # N of MFU: the whole model's parameters, frozen base included
+    weight_dtype: Optional[str] = None  # frozen base weights as built (4-bit: 4bit-nf4)
+    compute_dtype: Optional[str] = None  # the matmuls' dtype (autocast's, or bitsandbytes' compute dtype)
+    trainable_dtype: Optional[str] = None  # the trained weights (fp32 master weights under bf16)
+    mfu: Optional[float] = None  # 6 * total_params * tokens_per_s / peak FLOP/s (None: no peak known)
     method_metrics: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # the method's own warnings (e.g. SparseLoRA with no sparse layer)
     error: str = ""
@@ -118,6 +179,7 @@ class Framework:
         self.method.validate()
         data_mod.check_config(cfg.dataset)
         loaded, self.model, _ = run.build_model(cfg, self.method, args.task, device, self.dtype)
+        self.dtypes = run._dtypes(self.model, prec)  # (frozen weights, compute, trainable), as a run records them
         self.tokenizer = loaded.tokenizer
         self.examples = examples(args, self.model.get_base_model().config.vocab_size)
         self.tmp = Path(tempfile.mkdtemp(prefix="peft_lab_bench_"))
@@ -166,6 +228,12 @@ class Bare:
             task_type="SEQ_CLS" if cls else "CAUSAL_LM",
         )
         self.model = get_peft_model(loaded.model, lora).to(device)
+        # as the framework does (run.trainable_in_fp32): fp32 master weights over a bf16 / fp16 base; PEFT
+        # casts the adapters itself, not the trainable copy of the head
+        for p in self.model.parameters():
+            if p.requires_grad and p.is_floating_point():
+                p.data = p.data.float()
+        self.dtypes = run._dtypes(self.model, prec)
         self.device, self.lr, self.args = device, mc.lr, args
         ex = examples(args, self.model.get_base_model().config.vocab_size)
         self.batches = []
@@ -220,30 +288,43 @@ def examples(args: argparse.Namespace, vocab: int) -> list[dict]:
 
 
 def measure(args: argparse.Namespace) -> dict:
+    import gc
+
     import torch
 
     from peft_lab import run
 
     torch.set_num_threads(args.threads)
     device = run._device(args.device)
+    cuda = device.startswith("cuda")
     specs = [spec(s) for s in args.methods.split(",") if s.strip()]
     results = {label: Result(label, method, extra) for label, method, extra in specs}
     runners: dict = {}
-    for label, method, extra in specs:
+    resident: dict = {}  # CUDA: bytes each runner keeps allocated (its model, buffers, estimators)
+
+    def build(label: str, make: Any, *make_args: Any) -> None:
+        gc.collect()
+        before = torch.cuda.memory_allocated() if cuda else 0
         try:
-            runners[label] = Framework(label, method, extra, args, device)
+            runners[label] = make(*make_args)
         except Exception as err:  # one method that cannot run here (e.g. QLoRA on a CPU build) is reported
             results[label].error = f"{type(err).__name__}: {err}"[:300]
             print(f"[bench] {label}: cannot run here: {results[label].error}", flush=True)
+            return
+        gc.collect()
+        resident[label] = torch.cuda.memory_allocated() - before if cuda else 0
+
+    for label, method, extra in specs:
+        build(label, Framework, label, method, extra, args, device)
     if args.bare:
         results[BARE] = Result(BARE, "lora", [])
-        runners[BARE] = Bare(args, device)
+        build(BARE, Bare, args, device)
         # run the bare loop right after the framework's LoRA, so each pair is measured back to back
-        keys = list(runners)
+        keys = list(results)
         if "lora" in keys:
             keys.remove(BARE)
             keys.insert(keys.index("lora") + 1, BARE)
-        runners = {k: runners[k] for k in keys}
+        runners = {k: runners[k] for k in keys if k in runners}
         results = {k: results[k] for k in keys}
     from peft_lab.metrics import count_parameters
 
@@ -252,40 +333,56 @@ def measure(args: argparse.Namespace) -> dict:
         counts = count_parameters(r.model)
         res.footprint_mib = r.model.get_memory_footprint() / 2**20
         res.trainable_params, res.total_params = counts["trainable_params"], counts["total_params"]
+        res.weight_dtype, res.compute_dtype, res.trainable_dtype = r.dtypes
     order = list(runners)
     for rep in range(args.repeats):
         for label in order if rep % 2 == 0 else order[::-1]:  # alternate the order too
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            times = runners[label].block()[args.warmup :]
             res = results[label]
+            if res.error:
+                continue
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+                start = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                times = runners[label].block()[args.warmup :]
+            except Exception as err:  # a method that fails mid-run is reported; the others go on
+                res.error = f"{type(err).__name__} in training: {err}"[:300]
+                print(f"[bench] {label}: failed: {res.error}", flush=True)
+                continue
             res.block_medians_s.append(statistics.median(times))
-            if device.startswith("cuda"):
-                peak = torch.cuda.max_memory_allocated() / 2**20
+            if cuda:
+                # every runner's model stays resident: count this method's own (measured when it was built)
+                # plus what its training block added at its peak (activations, gradients, optimizer state)
+                peak = (resident[label] + torch.cuda.max_memory_allocated() - start) / 2**20
                 res.peak_memory_mib = max(res.peak_memory_mib or 0, peak)
-                res.peak_memory_kind = "cuda_max_allocated"
+                res.peak_memory_kind = "cuda_max_allocated (own model + training block)"
             print(
                 f"[bench] repeat {rep + 1}/{args.repeats} {label}: {1000 * res.block_medians_s[-1]:.1f} ms/step",
                 flush=True,
             )
     tokens_per_step = args.batch * args.seq
+    peak, peak_source = peak_flops(args.peak_tflops, device)
     for label, r in runners.items():
         res = results[label]
+        if res.error:
+            continue
         res.step_s = statistics.median(res.block_medians_s)
         res.tokens_per_s = tokens_per_step / res.step_s
+        res.mfu = mfu(res.total_params, res.tokens_per_s, peak)
         if isinstance(r, Framework):
             mm = r.method.metrics(r.model)
             res.method_metrics = {k: v for k, v in mm.items() if isinstance(v, (int, float, str))}
             res.warnings = [str(w) for w in mm.get("sparselora_warnings", [])]
             for w in res.warnings:
                 print(f"[bench] {label}: WARNING: {w}", flush=True)
-    if args.memory and not device.startswith("cuda"):
+    if args.memory and not cuda:
         for label in results:
             if not results[label].error:
                 results[label].peak_memory_mib = memory_probe(label, args)
                 results[label].peak_memory_kind = "process_peak_rss"
-    return {"results": results, "device": device}
+    return {"results": results, "device": device, "peak_flops": peak, "peak_flops_source": peak_source}
 
 
 def memory_probe(label: str, args: argparse.Namespace) -> Optional[float]:
@@ -391,12 +488,14 @@ def table(out: dict) -> str:
     lora = res.get("lora")
     lines = [
         "| method | step (ms) | spread (ms) | tokens/s | step vs LoRA | speed vs LoRA | peak mem (MiB) | mem vs LoRA | "
-        "footprint (MiB) | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "footprint (MiB) | MFU | weights / compute / trainable | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if lora is not None and not lora.step_s:
+        lora = None  # LoRA failed: no ratios against it
     for r in res.values():
-        if r.error:
-            lines.append(f"| {r.label} | – | – | – | – | – | – | – | – | cannot run here: {r.error[:80]} |")
+        if not r.step_s:
+            lines.append(f"| {r.label} |{' – |' * 10} cannot run here: {r.error[:80]} |")
             continue
         spread = f"{1000 * min(r.block_medians_s):.0f}–{1000 * max(r.block_medians_s):.0f}"
         notes = []
@@ -421,14 +520,23 @@ def table(out: dict) -> str:
             f"{fx(paired(r, lora) if lora else None, '.2f', '×')} | "
             f"{fx(paired(lora, r) if lora else None, '.2f', '×')} | {fx(r.peak_memory_mib, ',.0f')} | "
             f"{fx(ratio(r.peak_memory_mib, lora.peak_memory_mib if lora else None), '.2f', '×')} | "
-            f"{fx(r.footprint_mib, ',.1f')} | {'; '.join(notes)} |"
+            f"{fx(r.footprint_mib, ',.1f')} | {fx(None if r.mfu is None else 100 * r.mfu, '.1f', ' %')} | "
+            f"{dtypes(r)} | {'; '.join(notes)} |"
         )
     return "\n".join(lines)
+
+
+def dtypes(r: Result) -> str:
+    """'bfloat16 / bfloat16 / float32': frozen weights / compute / trainable, as built."""
+    return " / ".join(d or "–" for d in (r.weight_dtype, r.compute_dtype, r.trainable_dtype))
 
 
 def targets(out: dict) -> list[dict]:
     res = out["results"]
     lora, bare = res.get("lora"), res.get(BARE)
+    if lora is not None and not lora.step_s:
+        lora = None  # LoRA failed: no ratios against it
+    cuda = out.get("device", "").startswith("cuda")
     rows = []
 
     def add(name: str, value: Optional[float], goal: str, ok: Optional[bool]) -> None:
@@ -440,7 +548,8 @@ def targets(out: dict) -> list[dict]:
     for r in res.values():
         if r.method == "sparselora" and lora and r.step_s:
             v = paired(lora, r)
-            add(f"{r.label} speed vs LoRA (per step)", v, ">= 1.3 (CPU), 1.6 (H200, 1B)", v >= 1.3)
+            goal = 1.6 if cuda else 1.3
+            add(f"{r.label} speed vs LoRA (per step)", v, f">= {goal} ({'GPU, ~1B' if cuda else 'CPU'})", v >= goal)
         if r.method == "hira" and lora and r.step_s:
             v = paired(r, lora)
             add("HiRA step time vs LoRA", v, "<= 1.2", v <= 1.2)
@@ -448,7 +557,10 @@ def targets(out: dict) -> list[dict]:
             v = r.method_metrics["quant_linear_bytes_ratio_vs_bf16"]
             add("QLoRA linear-weight bytes vs bf16", v, "<= 0.30", v <= 0.30)
             if lora and r.peak_memory_mib and lora.peak_memory_mib:
-                add("QLoRA peak memory vs LoRA (reported)", r.peak_memory_mib / lora.peak_memory_mib, "compare", None)
+                v = r.peak_memory_mib / lora.peak_memory_mib
+                add(f"QLoRA peak memory vs LoRA ({lora.weight_dtype} base) (reported)", v, "compare", None)
+    if lora and lora.mfu is not None:
+        add("LoRA MFU (6N convention)", lora.mfu, ">= 0.40 (H200, ~1B)", lora.mfu >= 0.40 if cuda else None)
     st = out.get("startup")
     if st:
         add("train.py --cfg job (s)", st["cfg_job_s_median"], "< 2", st["cfg_job_s_median"] < 2)
@@ -475,7 +587,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved blocks per method")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (bf16 on a CUDA device with bf16, fp32 otherwise), fp32, bf16, fp16: the frozen base in that "
+        "dtype under autocast, trainable weights fp32 (train.precision)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak dense TFLOP/s for MFU (default: the CUDA device's bf16 peak from "
+        "bench.PEAK_BF16_FLOPS; none on a CPU or an unknown GPU)",
+    )
     p.add_argument("--no-bare", dest="bare", action="store_false", help="skip the hand-written baseline loop")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the per-method peak-RSS probes")
     p.add_argument("--no-startup", dest="startup", action="store_false", help="skip the start-up timings")
@@ -502,6 +626,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out["bench_wall_s"] = time.perf_counter() - t0
     text = table(out)
     print("\n" + text)
+    print(f"  MFU = 6 x parameters x tokens/s / peak; peak: {out['peak_flops_source']}")
     for r in out["results"].values():
         for w in r.warnings:
             print(f"  WARNING {r.label}: {w}")
