@@ -243,6 +243,7 @@ def collect(sweep_dir: Path) -> dict:
     sweep_dir = Path(sweep_dir).absolute()
     manifest = rf.read_manifest(sweep_dir)
     entries = manifest.get("cells") or discover(sweep_dir)
+    # every SLURM job the cells ran in: one array per launch, or several (more cells than MaxArraySize)
     array_ids = {str(e["job_id"]).split("_")[0] for e in entries if e.get("job_id")}
     queue = squeue_states(array_ids)
     acct = sacct_states(array_ids)
@@ -255,7 +256,7 @@ def collect(sweep_dir: Path) -> dict:
     return {
         "sweep_dir": str(sweep_dir),
         "launcher": manifest.get("launcher", ""),
-        "array_job_ids": sorted(array_ids),
+        "array_job_ids": sorted(array_ids, key=lambda j: (len(j), j)),  # numeric order
         "submitter_pid": manifest.get("launcher_pid"),
         "submitter_alive": submitter,
         "finished": manifest.get("finished"),
@@ -271,7 +272,8 @@ def render(info: dict) -> str:
     if info["launcher"]:
         head += f"  (launcher {info['launcher']}"
         if info["array_job_ids"]:
-            head += f", array job {', '.join(info['array_job_ids'])}"
+            ids = info["array_job_ids"]
+            head += f", array job{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
         if info["submitter_pid"]:
             alive = {True: "running", False: "done" if info["finished"] else "gone", None: "on another host"}[
                 info["submitter_alive"]

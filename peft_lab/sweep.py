@@ -8,8 +8,9 @@ segfault or an out-of-memory kill) ends only that cell. Concurrent cells get one
 device each; stopping the launcher stops its cells cleanly (``interrupted``).
 
 ``launch_slurm`` is what ``cluster=slurm`` runs: the cells that still need to run go
-out as ONE array job (hydra-submitit-launcher's ``SlurmLauncher``), the submitting
-process waits for every task and never raises on a failed one. Both launchers share
+out as ONE array job (hydra-submitit-launcher's ``SlurmLauncher``; several when there are
+more cells than the cluster's ``MaxArraySize`` or ``cluster.max_array_size``), the
+submitting process waits for every task and never raises on a failed one. Both launchers share
 the rest: deterministic run dirs and the reuse rule (``prepare_cells``: a cell is skipped
 only when its run dir holds a completed run of the same config fingerprint, and a run dir
 of another config stops the sweep before anything is launched), the manifest that
@@ -476,53 +477,191 @@ def _collect(cell: Cell, returncode: int, sweep_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- SLURM
 
+SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001  # slurm.conf's MaxArraySize when a site does not set it
+
 
 def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-    """The cells still to run as ONE array job; wait for every task; never raise on a failed one."""
+    """The cells still to run as one array job (several when there are more than an array may hold: see
+    ``max_array_tasks``); wait for every task; never raise on a failed one."""
     from hydra.core.singleton import Singleton
 
+    params = launcher.params
+    configured = _configured_max_array_size(params)  # exits 2 on a bad value, before anything else
     sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx, local=False)
     pending = [c for c in cells if c.status == Status.pending]
-    params = launcher.params
     attached = _attach_live_tasks(sweep_dir, pending)
     to_submit = [c for c in pending if c.job_id == ""]
-    how = f"as one SLURM array job (partition {params.get('partition') or 'default'})"
+    chunks: list[list[Cell]] = []
+    if to_submit:
+        limit, source = (configured, "cluster.max_array_size") if configured else (max_array_tasks(), "MaxArraySize")
+        chunks = split_chunks(to_submit, limit)
+    shares = split_sizes(max(1, int(params.get("array_parallelism") or 256)), len(chunks))
+    arrays = f"{len(chunks)} SLURM array jobs" if len(chunks) > 1 else "one SLURM array job"
+    how = f"as {arrays} (partition {params.get('partition') or 'default'})"
     if attached:
         how += f"; {len(attached)} still queued or running from an earlier launch: waiting for those instead"
     log_plan(sweep_dir, cells, how)
+    if len(chunks) > 1:
+        log.info(
+            f"{len(to_submit)} cells > {source} {limit}: {len(chunks)} array jobs of "
+            f"{'/'.join(str(len(c)) for c in chunks)} tasks; array_parallelism {sum(shares)} split between "
+            f"them ({'/'.join(map(str, shares))} at once)"
+        )
     write_manifest(sweep_dir, cells, "slurm", finished=False)
     if not pending:
         return finish_sweep(sweep_dir, cells, "slurm", driven=_driven(launcher))
 
-    submitted = time.time()
-    jobs, array_id = [], ""
-    if to_submit:
-        executor = _slurm_executor(params)
-        state = Singleton.get_state()
-        job_args = [(c.overrides, "hydra.sweep.dir", c.idx, f"job_id_for_{c.idx}", state) for c in to_submit]
-        jobs = executor.map_array(launcher, *zip(*job_args))
-        for cell, job in zip(to_submit, jobs):
-            cell.job_id, cell.log_path = str(job.job_id), Path(job.paths.stderr)
-            log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}  (task {cell.job_id})")
-        array_id = str(jobs[0].job_id).split("_")[0]
-        write_manifest(sweep_dir, cells, "slurm", finished=False, array_job_id=array_id, submitted_at=submitted)
-        log.info(
-            f"Submitted array job {array_id} ({len(jobs)} tasks). It runs on if this process dies; "
-            f"watch it with: python -m peft_lab.status {sweep_dir}"
-        )
-    ids = sorted({c.job_id.split("_")[0] for c in pending})
+    t0 = time.time()
+    submitted: list[tuple[Cell, Any]] = []
+    array_ids: list[str] = []
     try:
-        _wait_slurm(list(zip(to_submit, jobs)) + attached)
+        if chunks:
+            executor = _slurm_executor(params)
+            state = Singleton.get_state()
+            for i, chunk in enumerate(chunks):
+                if len(chunks) > 1:
+                    executor.update_parameters(slurm_array_parallelism=shares[i])
+                try:
+                    jobs = _submit_chunk(executor, launcher, chunk, state)
+                except Exception as err:
+                    if not array_ids:
+                        raise  # nothing submitted: nothing runs, nothing to wait for
+                    _not_submitted([c for rest in chunks[i:] for c in rest], err)
+                    break
+                submitted += list(zip(chunk, jobs))
+                array_ids.append(_array_id(jobs[0].job_id))
+                write_manifest(sweep_dir, cells, "slurm", finished=False, array_job_id=array_ids[0],
+                               array_job_ids=array_ids, submitted_at=time.time())  # fmt: skip
+            what = f"{len(array_ids)} array jobs" if len(array_ids) > 1 else "array job"
+            log.info(
+                f"Submitted {what} {', '.join(array_ids)} ({len(submitted)} tasks). It runs on if this process "
+                f"dies; watch it with: python -m peft_lab.status {sweep_dir}"
+            )
+        _wait_slurm(submitted + attached)
     except KeyboardInterrupt:
+        ids = _job_ids_of(pending)
+        if ids:
+            print(
+                f"\nStopped waiting; SLURM job(s) {', '.join(ids)} keep running.\n"
+                f"  watch:  python -m peft_lab.status {sweep_dir}\n  cancel: scancel {' '.join(ids)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
+    waited = len(submitted) + len(attached)
+    log.info(
+        f"All {waited} tasks done {time.time() - t0:.1f}s after submission (job {', '.join(_job_ids_of(pending))})"
+    )
+    return finish_sweep(sweep_dir, cells, "slurm", driven=_driven(launcher))
+
+
+def _submit_chunk(executor: Any, launcher: Any, chunk: list, state: Any) -> list:
+    """One ``map_array`` (one array job; a chunk of one cell is a plain job in submitit); each cell gets its
+    task id and log."""
+    job_args = [(c.overrides, "hydra.sweep.dir", c.idx, f"job_id_for_{c.idx}", state) for c in chunk]
+    jobs = executor.map_array(launcher, *zip(*job_args))
+    for cell, job in zip(chunk, jobs):
+        cell.job_id, cell.log_path = str(job.job_id), Path(job.paths.stderr)
+        log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}  (task {cell.job_id})")
+    return jobs
+
+
+def _not_submitted(cells: list, err: BaseException) -> None:
+    """An array job after the first could not be submitted (a QOS limit on submitted jobs, say): its cells fail
+    with the reason; the arrays already submitted run on and are waited for; a re-run submits the rest."""
+    reason = _short_error(err) or type(err).__name__
+    log.error(f"{len(cells)} cells were not submitted: {reason}")
+    for c in cells:
+        c.status, c.error = Status.failed, f"not submitted: {reason}"
+
+
+def _array_id(job_id: str) -> str:
+    return str(job_id).split("_")[0]
+
+
+def _job_ids_of(cells: list) -> list[str]:
+    """The SLURM jobs (array ids) the cells' tasks belong to, in submission order."""
+    ids = {_array_id(c.job_id) for c in cells if c.job_id}
+    return sorted(ids, key=lambda j: (int(j) if j.isdigit() else float("inf"), j))
+
+
+def _configured_max_array_size(params: dict) -> Optional[int]:
+    """``cluster.max_array_size`` (``hydra.launcher.max_array_size``): None, or an int >= 1; exit 2 otherwise."""
+    value = params.get("max_array_size")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         print(
-            f"\nStopped waiting; SLURM job(s) {', '.join(ids)} keep running.\n"
-            f"  watch:  python -m peft_lab.status {sweep_dir}\n  cancel: scancel {' '.join(ids)}",
+            f"peft_lab: error: cluster.max_array_size={value} is not a number of tasks per array job. "
+            "Fix: give an integer >= 1 (at most the cluster's MaxArraySize), or null to read MaxArraySize "
+            "from `scontrol show config`. Nothing was submitted.",
             file=sys.stderr,
             flush=True,
         )
-        raise
-    log.info(f"All {len(pending)} tasks done {time.time() - submitted:.1f}s after submission (job {', '.join(ids)})")
-    return finish_sweep(sweep_dir, cells, "slurm", driven=_driven(launcher))
+        sys.exit(2)
+    return value
+
+
+def parse_max_array_size(text: str) -> Optional[int]:
+    """``MaxArraySize`` from the text of ``scontrol show config`` (``MaxArraySize = 1001``); None if absent."""
+    m = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", text, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def max_array_tasks(scontrol_text: Optional[str] = None) -> int:
+    """How many tasks one array job may have on this cluster: its ``MaxArraySize``.
+
+    SLURM's rule (slurm.conf ``MaxArraySize``): the largest array index is MaxArraySize - 1 (index 0 is
+    allowed), so an array with indices 0..MaxArraySize-1 holds MaxArraySize tasks. submitit's
+    ``map_array`` of n calls submits ``--array=0-(n-1)%p``: its largest index is n-1, so a chunk of up to
+    MaxArraySize calls is accepted (checked on Slurm 22.05 with MaxArraySize=10001: ``--array=0-10000``
+    accepted, ``--array=0-10001`` refused with "Invalid job array specification"). ``MaxArraySize = 0``
+    disables arrays: every cell is then submitted on its own (a ``map_array`` of one call is a plain job).
+
+    ``scontrol_text``: the output to parse (tests); by default ``scontrol show config`` is run. When it
+    cannot be run or has no ``MaxArraySize``: SLURM's default, 1001, with a warning.
+    """
+    if scontrol_text is None:
+        try:
+            proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+            scontrol_text = proc.stdout if proc.returncode == 0 else ""
+            why = "" if proc.returncode == 0 else f"exit code {proc.returncode}: {proc.stderr.strip()[:200]}"
+        except (OSError, subprocess.SubprocessError) as err:
+            scontrol_text, why = "", f"{type(err).__name__}: {err}"
+    else:
+        why = ""
+    value = parse_max_array_size(scontrol_text)
+    if value is None:
+        log.warning(
+            f"could not read MaxArraySize from `scontrol show config` ({why or 'not in its output'}): assuming "
+            f"SLURM's default {SLURM_DEFAULT_MAX_ARRAY_SIZE}; set cluster.max_array_size to your cluster's limit"
+        )
+        return SLURM_DEFAULT_MAX_ARRAY_SIZE
+    if value == 0:
+        log.warning("MaxArraySize = 0: job arrays are disabled on this cluster; each cell is a job of its own")
+        return 1
+    return value
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal whole numbers (the first ones larger), none below 1."""
+    if parts <= 0:
+        return []
+    base, extra = divmod(total, parts)
+    return [max(1, base + (i < extra)) for i in range(parts)]
+
+
+def split_chunks(items: Sequence, limit: int) -> list[list]:
+    """``items`` in order, in the fewest chunks of at most ``limit``, their sizes differing by at most one
+    (1002 cells with a limit of 1001: two arrays of 501, not 1001 + 1)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, not {limit}")
+    sizes = split_sizes(len(items), -(-len(items) // limit)) if items else []
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(list(items[start : start + size]))
+        start += size
+    return chunks
 
 
 def _driven(launcher: Any) -> bool:
@@ -532,14 +671,15 @@ def _driven(launcher: Any) -> bool:
 
 def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:
     """Cells whose task from an earlier launch into this sweep dir is still queued or running (its
-    submitting shell died, say): wait for that task rather than start a second one on the same run dir."""
+    submitting shell died, say): wait for that task rather than start a second one on the same run dir.
+    The earlier launch may have submitted several array jobs; one ``squeue`` asks about all of them."""
     from peft_lab.status import squeue_states
 
     earlier = {e["name"]: e for e in rf.read_manifest(sweep_dir).get("cells", []) if e.get("job_id") and e.get("log")}
     candidates = [c for c in pending if c.name in earlier]
     if not candidates:
         return []
-    live = squeue_states({str(earlier[c.name]["job_id"]).split("_")[0] for c in candidates}) or {}
+    live = squeue_states({_array_id(earlier[c.name]["job_id"]) for c in candidates}) or {}
     attached = []
     for cell in candidates:
         entry = earlier[cell.name]
@@ -555,12 +695,14 @@ def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:
 
 
 def _slurm_executor(params: dict) -> Any:
-    """The executor hydra-submitit-launcher's ``BaseSubmititLauncher.launch`` builds, from the same params."""
+    """The executor hydra-submitit-launcher's ``BaseSubmititLauncher.launch`` builds, from the same params.
+
+    ``max_array_size`` is peft_lab's (``launch_slurm`` splits the cells), not an sbatch option."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
-    init_keys = {"submitit_folder", "max_num_timeout"}
+    init_keys = {"submitit_folder", "max_num_timeout", "max_array_size"}
     executor = submitit.AutoExecutor(
         cluster="slurm", folder=params["submitit_folder"], slurm_max_num_timeout=int(params["max_num_timeout"])
     )

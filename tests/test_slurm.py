@@ -332,3 +332,45 @@ def test_select_lr_protocol_runs_each_stage_as_an_array_job_and_reruns_nothing(t
     again = train_cli(args, tmp_path, cli_env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Submitted array job" not in again.stdout + again.stderr
+
+
+def test_sweep_past_max_array_size_goes_out_as_several_arrays_and_reruns_nothing(tmp_path, cli_env):
+    """5 cells with cluster.max_array_size=2: three array jobs (2 + 2 + 1 tasks; submitit submits a chunk of
+    one as a plain job), every cell completed, status sees one sweep, and a re-run submits nothing."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *SLURM, "dataset=sst2", "seed=0,1,2,3,4", "cluster.max_array_size=2", f"hydra.sweep.dir={sweep}"]
+    t0 = time.time()
+    proc = train_cli(args, tmp_path, cli_env, timeout=400)
+    wall = time.time() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "5 cells > cluster.max_array_size 2: 3 array jobs of 2/2/1 tasks" in out
+    assert "Submitted 3 array jobs" in out and "Sweep summary (5 completed, 0 skipped, 0 failed)" in out
+    manifest = json.loads((sweep / ".cells" / "manifest.json").read_text())
+    arrays = manifest["array_job_ids"]
+    assert len(set(arrays)) == 3 and manifest["array_job_id"] == arrays[0]
+    jobs = {c["name"]: c["job_id"] for c in manifest["cells"]}
+    assert len(jobs) == 5 and len(set(jobs.values())) == 5
+    by_array = {a: sorted(j for j in jobs.values() if j.split("_")[0] == a) for a in arrays}
+    assert [len(v) for v in by_array.values()] == [2, 2, 1], by_array  # each cell's task is in one of them
+    assert by_array[arrays[0]] == [f"{arrays[0]}_0", f"{arrays[0]}_1"] and by_array[arrays[2]] == [arrays[2]]
+    cells = _cells(sweep)
+    assert sorted(m["seed"] for m in cells.values()) == [0, 1, 2, 3, 4]
+    assert all(m["status"] == "completed" and m["steps"] == 6 for m in cells.values())
+
+    info = _status(sweep, cli_env)
+    assert info["array_job_ids"] == arrays and info["finished"]
+    assert [c["state"] for c in info["cells"]] == ["completed"] * 5
+    assert {c["cell"]: c["job_id"] for c in info["cells"]} == jobs
+
+    before = {n: m["finished_at"] for n, m in cells.items()}
+    tasks = _task_dirs(sweep)
+    again = train_cli(args, tmp_path, cli_env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Sweep summary (0 completed, 5 skipped, 0 failed)" in again.stdout
+    assert "Submitted" not in again.stdout + again.stderr and "array jobs of" not in again.stdout + again.stderr
+    assert _task_dirs(sweep) == tasks and {n: m["finished_at"] for n, m in _cells(sweep).items()} == before
+    kept = json.loads((sweep / ".cells" / "manifest.json").read_text())["cells"]
+    assert {c["name"]: c["job_id"] for c in kept} == jobs and all(c["skipped"] for c in kept)  # where each ran
+    assert _status(sweep, cli_env)["array_job_ids"] == arrays
+    print(f"\n5 cells as 3 arrays ({', '.join(arrays)}): {wall:.1f}s; re-run skipped all")

@@ -28,7 +28,9 @@ class PeftLabSlurmConf(submitit_config.SlurmQueueConf):
 
     _target_: str = "hydra_plugins.peft_lab_launcher.peft_lab_launcher.SlurmCellLauncher"
     max_num_timeout: int = 3  # runs resume from their checkpoint, so a timed-out task may be requeued
-    max_array_size: Optional[int] = None  # tasks per array job; null: MaxArraySize - 1 from scontrol show config
+    # tasks per array job (a sweep with more cells goes out as several arrays); null: the cluster's MaxArraySize
+    # (`scontrol show config`; an array holds MaxArraySize tasks, indices 0..MaxArraySize-1). Not an sbatch option.
+    max_array_size: Optional[int] = None
 
 
 @dataclass
@@ -72,7 +74,8 @@ class LocalCellLauncher(Launcher):
 
 
 class SlurmCellLauncher(submitit_launcher.SlurmLauncher):
-    """The grid as one array job; completed cells skipped; failures collected, never raised.
+    """The grid as one array job (several past ``max_array_size``); completed cells skipped; failures
+    collected, never raised.
 
     ``__call__`` is what each array task runs (and what submitit's ``checkpoint`` resubmits
     after a preemption or timeout); ``launch`` runs in the submitting process.
