@@ -8,6 +8,7 @@ next to the state, so the parent learns the outcome even if logging failed.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +26,11 @@ def main(argv: list[str]) -> int:
 
     state_path, idx, result_path, overrides = Path(argv[0]), int(argv[1]), Path(argv[2]), argv[3:]
     watch_launcher()
+    from peft_lab import distributed
+
+    # cluster.nproc_per_cell=N: this process is rank 0 and starts the others with this command ("-": no result
+    # file of their own; rank 0's is the cell's)
+    distributed.rank_command = lambda rank: [sys.executable, "-m", "peft_lab.cell", argv[0], argv[1], "-", *overrides]
     state = cloudpickle.loads(state_path.read_bytes())
     Singleton.set_state(state["singleton_state"])
     setup_globals()
@@ -33,6 +39,9 @@ def main(argv: list[str]) -> int:
     with open_dict(sweep_config.hydra.job) as job:
         job.id = f"local_{idx}"
         job.num = idx
+    if int(os.environ.get("RANK") or 0) > 0:  # another rank of a multi-process cell: rank 0 writes .hydra/
+        with open_dict(sweep_config.hydra):
+            sweep_config.hydra.output_subdir = None
     try:
         ret = run_job(
             hydra_context=hydra_context,
@@ -44,7 +53,8 @@ def main(argv: list[str]) -> int:
     except (KeyboardInterrupt, SystemExit) as stop:  # a signal: the record already says interrupted
         code = 130 if isinstance(stop, KeyboardInterrupt) else int(stop.code or 143)
         print("peft_lab: interrupted (signal); re-run the sweep to resume this cell", file=sys.stderr, flush=True)
-        rf.write_json_atomic(result_path, {"status": "interrupted"})
+        if str(result_path) != "-":
+            rf.write_json_atomic(result_path, {"status": "interrupted"})
         return code
     result = {"status": "completed" if ret.status == JobStatus.COMPLETED else "failed"}
     if ret.status != JobStatus.COMPLETED:
@@ -54,7 +64,8 @@ def main(argv: list[str]) -> int:
         else:
             traceback.print_exception(type(err), err, err.__traceback__)
         result["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:2000]
-    rf.write_json_atomic(result_path, result)
+    if str(result_path) != "-":
+        rf.write_json_atomic(result_path, result)
     return 0 if result["status"] == "completed" else 1
 
 
@@ -65,7 +76,8 @@ def watch_launcher(period_s: float = 1.0) -> None:
     """Stop this cell (SIGTERM to itself: it records ``interrupted``) when its launcher is gone.
 
     A launcher killed outright (``kill -9``, the OOM killer) must not leave cells training as orphans
-    that a re-run would then run a second time on the same run dir. The launcher's pid comes in
+    that a re-run would then run a second time on the same run dir. Ranks 1..N-1 of a multi-process cell
+    watch rank 0 the same way; one that has not stopped 15 s after the signal exits outright. The launcher's pid comes in
     ``PEFT_LAB_LAUNCHER_PID``; a forked cell's parent is the fork server, which outlives the launcher
     while it has children, so the parent alone cannot tell."""
     import os
@@ -84,7 +96,8 @@ def watch_launcher(period_s: float = 1.0) -> None:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 os.kill(os.getpid(), signal.SIGTERM)
-                return
+                time.sleep(15.0)  # still here: blocked in a collective whose peer is gone (a rank of a cell)
+                os._exit(128 + signal.SIGTERM)
             except PermissionError:
                 pass
 

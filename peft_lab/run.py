@@ -69,6 +69,15 @@ def main(cfg: DictConfig) -> Optional[float]:
     """Hydra's task function. A single run turns a UserError into exit 2 and a diverged run into
     exit 1, each with one ``peft_lab: error:`` line; in a sweep the launcher reports them."""
     ctx = context_from_hydra()
+    if not ctx.multirun:  # cluster.nproc_per_cell=N: the other ranks run this command into the same run dir
+        from peft_lab import distributed
+        from peft_lab.cell import watch_launcher
+
+        args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+        distributed.rank_command = lambda rank: [sys.executable, sys.argv[0], *args, f"hydra.run.dir={ctx.run_dir}",
+                                                 "hydra.output_subdir=null"]  # fmt: skip
+        if int(os.environ.get("RANK") or 0) > 0:
+            watch_launcher()  # rank 0 started this process: stop when it is gone
     try:
         if not ctx.multirun:
             _check_no_sweeper_alone()
@@ -109,9 +118,12 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
     ``DivergedError`` when the training loss is not finite (record ``failed``, failure
     ``diverged``, no adapter saved); any other error propagates after the record says ``failed``.
     """
+    from peft_lab import distributed
+
+    world = _world(cfg)
     comp = rf.computation_config(cfg)
     decision = rf.check_reusable(ctx.run_dir, comp)
-    if decision.action in (rf.Reuse.conflict, rf.Reuse.skip):
+    if decision.action in (rf.Reuse.conflict, rf.Reuse.skip) and world.main:
         rf.restore_hydra_files(ctx.run_dir)  # .hydra/ keeps describing the run that is there
     if decision.action == rf.Reuse.conflict:
         raise fail(
@@ -126,10 +138,11 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
             "nothing to do"
         )
         return rec.value
-    if not cfg.train.resume and rf.has_checkpoint(ctx.run_dir):
+    if not cfg.train.resume and rf.has_checkpoint(ctx.run_dir) and world.main:
         log.info("train.resume=false: discarding the checkpoint in this run dir; starting from step 0")
         shutil.rmtree(rf.checkpoint_dir(ctx.run_dir))
-    rf.keep_hydra_files(ctx.run_dir)
+    if world.main:
+        rf.keep_hydra_files(ctx.run_dir)
     t0 = time.perf_counter()
     record = rf.RunRecord(
         status=rf.Status.running,
@@ -146,12 +159,23 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
         host=_host(),
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
+    if not world.main:  # another rank of a multi-process cell: it computes, rank 0 writes every file
+        logging.getLogger("peft_lab").setLevel(logging.WARNING)
+        try:
+            return _pipeline(cfg, ctx, record, {}, t0, world)
+        finally:
+            distributed.shutdown()
     record.save(ctx.run_dir)
     tracker_box: dict = {}
+    ranks = None
     try:
         with _sigterm_interrupts():
-            value = _pipeline(cfg, ctx, record, tracker_box, t0)
+            ranks, world = _start_ranks(cfg, world, record, ctx.run_dir)
+            value = _pipeline(cfg, ctx, record, tracker_box, t0, world)
     except BaseException as err:
+        if ranks is not None:
+            ranks.stop(wait_s=10.0)
+        distributed.shutdown()
         interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
         record.end(rf.Status.interrupted if interrupted else rf.Status.failed, err)
         record.failure = (
@@ -169,8 +193,65 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
         record.save(ctx.run_dir)
         _finish_tracker(tracker_box, record, failed=True)
         raise
+    if ranks is not None:
+        ranks.stop()
+    distributed.shutdown()
     _finish_tracker(tracker_box, record, failed=False)
     return value
+
+
+def nproc_per_cell(cfg: DictConfig) -> int:
+    """``cluster.nproc_per_cell`` (1 when the cluster profile has no such key)."""
+    value = cfg.cluster.get("nproc_per_cell", 1)
+    return 1 if value is None else int(value)
+
+
+def _world(cfg: DictConfig) -> Any:
+    """This process's ``distributed.World`` from the environment, checked against ``cluster.nproc_per_cell``.
+    Raises UserError for an incomplete torch.distributed environment or two ways of asking for ranks."""
+    from peft_lab import distributed
+
+    nproc = nproc_per_cell(cfg)
+    if nproc < 1:
+        raise fail(
+            f"cluster.nproc_per_cell={nproc} is not a number of processes", "use 1 (one process per cell) or more"
+        )
+    try:
+        world = distributed.world_from_env()
+    except ValueError as err:
+        raise fail(str(err), "see README, 'Several GPUs for one cell'") from None
+    if world.distributed and nproc > 1 and nproc != world.size:
+        raise fail(
+            f"cluster.nproc_per_cell={nproc} but this process is already rank {world.rank} of WORLD_SIZE={world.size} "
+            "(torchrun or SLURM tasks)",
+            "ask for the ranks one way: cluster.nproc_per_cell alone, or cluster.tasks_per_node / torchrun alone",
+        )
+    return world
+
+
+def _start_ranks(cfg: DictConfig, world: Any, record: rf.RunRecord, run_dir: Path) -> tuple[Any, Any]:
+    """``cluster.nproc_per_cell=N`` in a process that is not yet part of a world: become rank 0 and start
+    ranks 1..N-1 (``distributed.LocalRanks``). Returns (the ranks or None, this process's World)."""
+    from peft_lab import distributed
+
+    nproc = nproc_per_cell(cfg)
+    if nproc <= 1 or world.distributed:
+        return None, world
+    if distributed.rank_command is None:
+        raise fail(
+            f"cluster.nproc_per_cell={nproc} needs the ranks to be started from train.py or a sweep cell "
+            "(this run was called in-process)",
+            "run it with python train.py ... cluster.nproc_per_cell=N, or under torchrun",
+        )
+
+    def on_lost(message: str) -> None:  # another rank died: the cell failed, whatever rank 0 was doing
+        record.end(rf.Status.failed, RuntimeError(message))
+        record.failure = "error"
+        record.save(run_dir)
+
+    log.info(f"cluster.nproc_per_cell={nproc}: this process is rank 0; starting ranks 1..{nproc - 1}")
+    ranks = distributed.LocalRanks(nproc, distributed.rank_command, on_lost)
+    return ranks, distributed.world_from_env()
 
 
 @contextlib.contextmanager
@@ -209,9 +290,16 @@ def _finish_tracker(box: dict, record: rf.RunRecord, failed: bool) -> None:
         tracker.finish(failed=failed)
 
 
-def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict, t0: float) -> float:
+def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict, t0: float, world: Any) -> float:
+    from peft_lab import distributed
+
     ds, mc = cfg.dataset, cfg.model
     run_dir = ctx.run_dir
+
+    def save() -> None:  # rank 0 alone writes
+        if world.main:
+            record.save(run_dir)
+
     # --- start-up checks: no heavy imports yet
     data_mod.check_config(ds)
     models.check_config(mc)
@@ -234,9 +322,11 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     from peft_lab import metrics, tracking, training
 
     set_seed(cfg.seed)
-    device = _device(str(cfg.train.device))
+    device = _device(str(cfg.train.device), world)
+    distributed.init(device)  # several ranks: the rendezvous (every rank waits for the others here)
     prec = resolve_precision(plain(cfg.train.precision), device)
     record.device, record.torch_threads, record.precision = device, threads, prec.name
+    record.world_size = world.size
     record.grad_scaler = prec.grad_scaler
 
     # --- model + method
@@ -258,7 +348,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     if method.saved_weights == "head":  # a plain model's head is not a PEFT-wrapped one: what trains is the head
         record.head_params = record.trainable_params
     record.method_metrics = _json_values(method.metrics(model))
-    record.save(run_dir)
+    save()
     log.info(
         f"{record.trainable_params:,} trainable of {record.total_params:,} parameters "
         f"({record.trainable_pct:.3f} %); {len(train_ex)} train / {len(select_ex)} selection / {len(test_ex)} test "
@@ -271,7 +361,10 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     name = tracking.run_name(cfg.method.name, ds.name, mc.name, swept)
     group = tracking.sweep_group(ctx.sweep_dir, cfg.logger.get("group"))
     tags = [cfg.method.name, ds.name, mc.name, task] + ([f"seed{cfg.seed}"] if with_seed else [])
-    tracker = tracking.make_tracker(cfg.logger, run_dir, group, name, config, tags)
+    if world.main:
+        tracker = tracking.make_tracker(cfg.logger, run_dir, group, name, config, tags)
+    else:
+        tracker = tracking.NullTracker()
     box["tracker"] = tracker
     record.wandb_run_id, record.wandb_mode = tracker.run_id, tracker.mode
     record.wandb_group = group if tracker.run_id else None
@@ -290,7 +383,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
         tracker.log({f"select/{k}": v for k, v in result.items()}, step)
 
     def on_progress(step: int, total: int, resumed_from: int) -> None:
-        if step in (resumed_from, total) or step % max(1, cfg.train.log_every) == 0:
+        if world.main and step in (resumed_from, total) or step % max(1, cfg.train.log_every) == 0:
             rf.write_progress(run_dir, step, total, resumed_from)
 
     if not method.trains():
@@ -314,6 +407,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
         )
     record.steps, record.total_steps, record.resumed_from_step = result.steps, result.total_steps, result.resumed_from
     record.final_train_loss = result.final_loss
+    record.train_history = result.history or None
     main_metric = main_metric_name(ds, task)
     record.select = run_eval(select_ex)
     test_outputs: list = []
@@ -335,7 +429,8 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
             raise RuntimeError(
                 f"the {split} split gave {main_metric} = {v} (not a finite number); the run is not a result"
             )
-    rf.write_outputs(run_dir, test_outputs)
+    if world.main:
+        rf.write_outputs(run_dir, test_outputs)
     record.train_wall_s = result.wall_s
     record.step_time_median_s = statistics.median(result.step_times) if result.step_times else None
     record.time_to_first_step_s = _since_start(result.first_step_done_at)
@@ -345,7 +440,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     record.method_metrics = _json_values(method.metrics(model))
     _set_fields(record, metrics.peak_memory(device))
     _set_fields(record, metrics.environment())
-    if cfg.train.save_adapter and method.saved_weights != "none":
+    if cfg.train.save_adapter and method.saved_weights != "none" and world.main:
         adapter_dir = run_dir / rf.ADAPTER_DIR
         method.save_adapter(model, adapter_dir)
         record.adapter_dir, record.adapter_bytes = str(adapter_dir), metrics.dir_size(adapter_dir)
@@ -353,7 +448,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
             tracker.log_adapter(adapter_dir, f"adapter-{name}")
     record.end(rf.Status.completed)
     record.run_wall_s = time.perf_counter() - t0
-    record.save(run_dir)
+    save()
     log.info(f"{name}: {main_metric} = {value:.4f}  ({run_dir / rf.METRICS_FILE})")
     return float(value)
 
@@ -428,15 +523,33 @@ def check_device_name(requested: str) -> None:
         raise fail(f"train.device={requested} is not a device", "use auto, cpu, cuda, cuda:<index> or mps")
 
 
-def _device(requested: str) -> str:
+def _device(requested: str, world: Any = None) -> str:
+    """``train.device`` -> the torch device of this process; with several ranks on CUDA, ``cuda:<LOCAL_RANK>``
+    (one device each, of those visible). Raises UserError for an unusable request."""
     import torch
 
     check_device_name(requested)
+    device = requested
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise fail("train.device=cuda but no CUDA device is visible", "use train.device=auto or cpu")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world is not None and world.distributed and device.startswith("cuda"):
+        if ":" in requested:
+            raise fail(
+                f"train.device={requested} names one device, but the cell runs on {world.size} ranks",
+                "use train.device=cuda or auto: rank r uses visible device LOCAL_RANK",
+            )
+        if world.local_rank >= torch.cuda.device_count():
+            raise fail(
+                f"rank {world.rank} (local rank {world.local_rank}) has no CUDA device: "
+                f"{torch.cuda.device_count()} visible",
+                "give the cell as many GPUs as processes per node (cluster.gpus_per_node)",
+            )
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    return device
 
 
 @dataclass

@@ -222,6 +222,7 @@ class RunRecord:
     # where and how it ran
     device: Optional[str] = None
     visible_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES as the run saw it
+    world_size: Optional[int] = None  # data-parallel processes (ranks) the cell ran on; 1: one process
     torch_threads: Optional[int] = None
     precision: Optional[str] = None  # train.precision as resolved: fp32 | bf16 | fp16
     weight_dtype: Optional[str] = None  # dtype of the frozen base weights (4-bit: uint8 storage)
@@ -256,6 +257,7 @@ class RunRecord:
     total_steps: Optional[int] = None
     resumed_from_step: Optional[int] = None
     final_train_loss: Optional[float] = None
+    train_history: Optional[list] = None  # this attempt's logged steps: {step, loss, lr, samples_per_s, tokens_per_s}
     train_wall_s: Optional[float] = None
     step_time_median_s: Optional[float] = None
     time_to_first_step_s: Optional[float] = None

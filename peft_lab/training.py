@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from peft_lab import distributed as dist_mod
 from peft_lab import runfiles as rf
 from peft_lab.errors import DivergedError
 from peft_lab.schemas import plain
@@ -88,6 +89,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy / macro-F1 for classification; token-level NLL and perplexity for LM.
 
+    With several ranks (``peft_lab.distributed``) the batches are dealt out whole (batch i to rank
+    i mod size) and the rows gathered, so every rank returns the metrics of the whole set, computed
+    from the same batches as one process would.
+
     The metrics are computed from the per-example values, so ``outputs`` (when a list is given, it is
     filled with one row per example, in order: ``{"id", "label", "pred"}`` for classification,
     ``{"id", "nll", "tokens"}`` per LM block, nll summed in nats) reproduces them exactly:
@@ -97,10 +102,17 @@ def evaluate(
     model.eval()
     generator = torch.Generator().manual_seed(1234)  # the same MLM masks in every evaluation
     rows = []
+    world = dist_mod.current()
     # batches of similar lengths pad less; the rows go back to the examples' order below
     order = sorted(range(len(examples)), key=lambda k: len(examples[k]["input_ids"]))
-    for i in range(0, len(examples), batch_size):
+    starts = list(range(0, len(examples), batch_size))
+    mine = set(starts[world.rank :: world.size])  # several ranks: whole batches dealt out, rows gathered below
+    for i in starts:
         chunk = [examples[k] for k in order[i : i + batch_size]]
+        if i not in mine:  # another rank's batch: draw its MLM masks all the same (same generator stream)
+            if task == "masked_lm":
+                collate(chunk, task, tokenizer, generator)
+            continue
         batch = _to(collate(chunk, task, tokenizer, generator), device)
         if method is not None:
             method.before_forward(batch, 0, 1, training=False)
@@ -120,7 +132,11 @@ def evaluate(
             {"id": k, "nll": n, "tokens": t} for k, n, t in zip(ids, nll.tolist(), (labels != -100).sum(1).tolist())
         ]
     model.train(was_training)
-    rows = [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]
+    positions = [k for i in starts if i in mine for k in order[i : i + batch_size]]
+    if world.distributed:
+        parts = dist_mod.gather_objects((positions, rows))
+        positions, rows = [k for p, _ in parts for k in p], [r for _, rs in parts for r in rs]
+    rows = [row for _, row in sorted(zip(positions, rows), key=lambda pair: pair[0])]
     if outputs is not None:
         outputs.extend(rows)
     if task == "classification":
@@ -149,7 +165,8 @@ def classification_metrics(preds: list[int], golds: list[int]) -> dict[str, floa
 @dataclass
 class TrainResult:
     """What ``train`` did: optimizer steps (this process and before a resume), wall seconds of this process's
-    steps, examples and non-pad tokens seen by this process, the last step's loss (None if no step ran here)."""
+    steps, examples and non-pad tokens of the global batches this process took part in (all ranks' rows),
+    the last step's loss (None if no step ran here)."""
 
     steps: int
     total_steps: int
@@ -213,12 +230,22 @@ def train(
     or tokens, exactly as one batch of the whole group would. The method's ``extra_loss`` (a penalty on
     the weights) is added once per step, and is part of the logged loss.
 
+    Several ranks (``peft_lab.distributed``): the global batch is the same; each rank computes its
+    rows of every micro-batch (``distributed.shard``), weighted by their share of the group's count,
+    and the gradients are summed over ranks once per step, so every rank takes the one-process step
+    (up to reduction order). Rank 0 alone writes the checkpoint; every rank resumes from it.
+
+    The step losses stay on the device and are read (one host sync, summed over ranks) at log,
+    evaluation and checkpoint steps and at the end; ``train.compile`` runs the training forward
+    through ``torch.compile``.
+
     Returns:
         TrainResult; ``final_loss`` is the last step's loss, ``wall_s`` and ``step_times`` are seconds.
 
     Raises:
-        DivergedError: the loss of an optimizer step is nan or inf. Raised before that step updates the
-            weights; no checkpoint is written for it (the last one saved stays).
+        DivergedError: the loss of an optimizer step is nan or inf, with that step. Raised when the losses
+            are next read (the next log, evaluation or checkpoint step, or the end), so before any checkpoint
+            or evaluation after it: the last checkpoint saved stays the last good one.
         RuntimeError: the checkpoint does not match the model.
     """
     tc = cfg.train
@@ -254,10 +281,32 @@ def train(
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     model.train()
+    world = dist_mod.current()
+    dist_mod.broadcast_parameters(trainable)  # every rank starts from rank 0's adapters
+    forward = model
+    if tc.compile:
+        forward = torch.compile(model)  # the training forward only; hooks and evaluation use the model itself
     history, samples, tokens, wall, last_loss = [], 0, 0, 0.0, None
     step_times: list[float] = []
     first_step_done_at: Optional[float] = None
     window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device): read at log steps only
+    zero = torch.zeros((), device=device)
+
+    def read_losses() -> Optional[float]:
+        """The pending steps' losses (summed over ranks) in one host sync; the last one. Raises DivergedError
+        at the first non-finite one (the run is failed: nothing is saved after it)."""
+        nonlocal pending
+        if not pending:
+            return None
+        values = dist_mod.all_reduce_sum(torch.stack([v.float() for _, v in pending])).tolist()
+        steps, pending = [k for k, _ in pending], []
+        for k, v in zip(steps, values):
+            if not math.isfinite(v):
+                optimizer.zero_grad(set_to_none=True)
+                raise DivergedError(k, v, total)
+        return values[-1]
+
     while pos["step"] < total:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + pos["epoch"]))
         micros = [order[i : i + tc.batch_size].tolist() for i in range(0, len(examples), tc.batch_size)]
@@ -265,11 +314,12 @@ def train(
             t0 = time.perf_counter()
             group = micros[pos["micro"] : pos["micro"] + tc.grad_accum]
             # collate the whole group first (on the host, in the same order as ever, so the masked-LM
-            # generator advances as before): each micro-batch's weight needs the group's total count
+            # generator advances as before): each micro-batch's weight needs the group's total count.
+            # Every rank collates the global batch and computes its own rows of each micro-batch.
             batches = [collate([examples[i] for i in idx], task, tokenizer, mlm_gen) for idx in group]
             counts = [loss_count(b, task) for b in batches]
             group_count = sum(counts)
-            step_loss, has_grad = None, False  # the loss on the device, read once per step
+            step_loss = None  # this rank's share of the step's loss, on the device
             for batch, n in zip(batches, counts):
                 n_tok = int(batch["attention_mask"].sum())
                 samples += len(batch["input_ids"])
@@ -278,28 +328,34 @@ def train(
                 window_tokens += n_tok
                 if n == 0:  # nothing to predict here (its mean loss would be 0/0): no part in the step
                     continue
-                batch = _to(batch, device)
-                method.before_forward(batch, pos["step"], total, training=True)
+                part, n_part, padding = batch, n, False
+                if world.distributed:
+                    rows = dist_mod.shard(len(batch["input_ids"]))
+                    padding = not rows  # fewer rows than ranks: a stand-in row keeps this rank in step
+                    part = {k: v[rows or [0]] for k, v in batch.items()}
+                    n_part = 0 if padding else loss_count(part, task)
+                part = _to(part, device)
+                method.before_forward(part, pos["step"], total, training=True, shared=world.distributed,
+                                      padding=padding)  # fmt: skip
                 with autocast():
-                    loss = model(**batch).loss
-                if n != group_count:  # the model's mean over this micro-batch -> its share of the group's mean
-                    loss = loss * (n / group_count)
+                    loss = forward(**part).loss
+                if n_part == 0:  # forward only (methods may choose per global batch); nothing to learn here
+                    continue
+                if n_part != group_count:  # the mean over these rows -> their share of the group's mean
+                    loss = loss * (n_part / group_count)
                 backward(loss)
-                has_grad = True
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            with autocast():
-                extra = method.extra_loss(model)  # once per step, whatever the accumulation
+            extra = None
+            if world.main:  # once per step, whatever the accumulation and the number of ranks
+                with autocast():
+                    extra = method.extra_loss(model)
             if extra is not None:
                 if torch.is_tensor(extra) and extra.requires_grad:
                     backward(extra)
-                    has_grad = True
                 extra = torch.as_tensor(extra).detach().float()
                 step_loss = extra if step_loss is None else step_loss + extra.to(step_loss.device)
-            loss_value = 0.0 if step_loss is None else step_loss.item()
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                raise DivergedError(pos["step"] + 1, loss_value, total)
-            if has_grad:  # else nothing to step (and a GradScaler would find no gradient to check)
+            dist_mod.sum_gradients(trainable)  # one all_reduce of every gradient (several ranks)
+            if any(p.grad is not None for p in trainable):  # else nothing to step (and no gradient to scale)
                 if scaler is not None:
                     if tc.max_grad_norm > 0:
                         scaler.unscale_(optimizer)
@@ -314,6 +370,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             pos["step"] += 1
             pos["micro"] += len(group)
+            pending.append((pos["step"], zero if step_loss is None else step_loss))
             method.after_optimizer_step(model, pos["step"], total)
             step_times.append(time.perf_counter() - t0)
             wall += step_times[-1]
@@ -321,15 +378,19 @@ def train(
                 first_step_done_at = time.time()
             if on_progress is not None:
                 on_progress(pos["step"], total, resumed_from)
-            last_loss = loss_value
-            if pos["step"] % max(1, tc.log_every) == 0 or pos["step"] == total:
+            log_now = pos["step"] % max(1, tc.log_every) == 0 or pos["step"] == total
+            eval_now = tc.eval_every > 0 and pos["step"] % tc.eval_every == 0 and pos["step"] < total
+            ckpt_now = tc.checkpoint_every > 0 and pos["step"] % tc.checkpoint_every == 0 and pos["step"] < total
+            if log_now or eval_now or ckpt_now:
+                last_loss = read_losses()
+            if log_now:
                 now = time.perf_counter()
                 rate = window_samples / max(1e-9, now - window_t)
                 tok_rate = window_tokens / max(1e-9, now - window_t)
                 window_t, window_samples, window_tokens = now, 0, 0
                 entry = {
                     "step": pos["step"],
-                    "loss": loss_value,
+                    "loss": last_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": rate,
                     "tokens_per_s": tok_rate,
@@ -337,17 +398,18 @@ def train(
                 history.append(entry)
                 eta = (total - pos["step"]) * wall / max(1, pos["step"] - resumed_from)
                 log.info(
-                    f"step {pos['step']}/{total}  loss {loss_value:.4f}  lr {entry['lr']:.2e}  "
+                    f"step {pos['step']}/{total}  loss {last_loss:.4f}  lr {entry['lr']:.2e}  "
                     f"{rate:.1f} samples/s  eta {eta:.0f}s"
                 )
                 on_log(entry, pos["step"])
-            if tc.eval_every > 0 and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
+            if eval_now:
                 on_eval(pos["step"])
-            if tc.checkpoint_every > 0 and pos["step"] % tc.checkpoint_every == 0 and pos["step"] < total:
+            if ckpt_now:
                 save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen, scaler=scaler)
         if pos["micro"] >= len(micros):
             pos["epoch"] += 1
             pos["micro"] = 0
+    last_loss = read_losses() if pending else last_loss
     save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen, scaler=scaler)
     return TrainResult(
         steps=pos["step"],
@@ -390,7 +452,21 @@ def save_checkpoint(
     scaler: Any = None,
 ) -> None:
     """Trainable weights, optimizer, scheduler, RNG, method state, the gradient scaler's state (``scaler``, a
-    ``torch.amp.GradScaler`` or None) and data position (``pos``: step, epoch, micro), swapped in atomically."""
+    ``torch.amp.GradScaler`` or None) and data position (``pos``: step, epoch, micro), swapped in atomically.
+
+    Several ranks: every rank calls it; rank 0 writes (with every rank's RNG state) and the others wait."""
+    world = dist_mod.current()
+    rng_ranks = dist_mod.gather_objects(_rng_state(generator)) if world.distributed else None
+    if not world.main:
+        dist_mod.barrier()
+        return
+    try:
+        _write_checkpoint(ckpt, model, optimizer, scheduler, method, pos, generator, scaler, rng_ranks)
+    finally:
+        dist_mod.barrier()
+
+
+def _write_checkpoint(ckpt, model, optimizer, scheduler, method, pos, generator, scaler, rng_ranks) -> None:
     tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -402,6 +478,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "method": method.state_dict(),
             "rng": _rng_state(generator),
+            "rng_ranks": rng_ranks,  # several ranks: each one's RNG state, by rank
             "scaler": scaler.state_dict() if scaler is not None else None,
         },
         tmp / "state.pt",
@@ -437,7 +514,8 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     method.load_state_dict(state["method"])
-    _set_rng_state(state["rng"], generator)
+    world, ranks = dist_mod.current(), state.get("rng_ranks")
+    _set_rng_state(ranks[world.rank] if ranks and len(ranks) == world.size else state["rng"], generator)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return json.loads((ckpt / "state.json").read_text())

@@ -95,12 +95,18 @@ class Method:
         raise NotImplementedError
 
     # -- training hooks -----------------------------------------------------
-    def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
+    def before_forward(
+        self, batch: dict, step: int, total: int, training: bool, shared: bool = False, padding: bool = False
+    ) -> None:
         """Called with each micro-batch before its forward pass, in training and in evaluation.
 
         ``batch``: ``input_ids`` / ``attention_mask`` (long, [batch, seq]) and ``labels`` ([batch] class ids,
         or [batch, seq] token ids with -100 where nothing is predicted), already on the device.
-        ``step``: optimizer steps done so far (0-based); ``total``: planned steps (1 in evaluation)."""
+        ``step``: optimizer steps done so far (0-based); ``total``: planned steps (1 in evaluation).
+        ``shared``: several ranks compute rows of one global micro-batch (``peft_lab.distributed``), each
+        ``batch`` being this rank's rows, and every rank runs this forward: a choice made per batch must be
+        made over the global batch (collectives in the forward are allowed). ``padding``: this rank has
+        no row of the micro-batch; ``batch`` is a stand-in that must not count (its loss is not used)."""
 
     def eval_modes(self) -> list[str]:
         """Names of the ways this method can evaluate, the main one first (e.g. SparseLoRA on classification:

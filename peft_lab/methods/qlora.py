@@ -94,7 +94,9 @@ class Method(lora.Method):
         _guard_cpu_repack(model, self.cfg.cpu_fast_eval)
         return model
 
-    def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
+    def before_forward(
+        self, batch: dict, step: int, total: int, training: bool, shared: bool = False, padding: bool = False
+    ) -> None:
         # bitsandbytes repacks CPU weights for AVX512-BF16 inference during an evaluation; its packed
         # kernel has no autograd, so gradients would silently stop at every 4-bit layer. Unpack first.
         if not training:

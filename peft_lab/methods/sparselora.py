@@ -256,8 +256,11 @@ class Method(lora.Method):
             log.warning(msg)
             self.warnings.append(msg)
 
-    def before_forward(self, batch: dict, step: int, total: int, training: bool) -> None:
+    def before_forward(
+        self, batch: dict, step: int, total: int, training: bool, shared: bool = False, padding: bool = False
+    ) -> None:
         c = self.cfg
+        self.controller.shared, self.controller.padding = shared, padding
         cool = c.cooldown_frac > 0 and step >= total - int(c.cooldown_frac * total)
         in_window = step >= int(c.warmup_frac * total) and not cool
         active = in_window if training else self.eval_sparse
@@ -342,11 +345,24 @@ class Controller:
         self.per_token = {"mlp": 0, "attn": 0}  # base-linear multiply-adds per token over all layers (set by adapt)
         self.sparse_seen = 0  # context tokens in counted (training) batches while sparsity was on
         self.active_batches = 0  # counted (training) batches with sparsity on
+        self.shared = False  # ranks compute rows of one batch: channel scores are summed over ranks
+        self.padding = False  # this rank's rows are a stand-in: they score nothing and count nothing
+
+    def scores(self, sq: Any) -> Any:
+        """Per-channel sums of squares over this batch's context tokens -> over the global batch (several
+        ranks share it: one all_reduce; a stand-in rank adds zeros). Every rank then chooses the same
+        channels, those one process would choose from the whole batch."""
+        if self.shared:
+            from peft_lab import distributed
+
+            distributed.all_reduce_sum(sq.mul_(0.0) if self.padding else sq)
+        return sq
 
     def begin(self, batch: dict, task: str, active: bool, dense_outputs: bool, count: bool) -> None:
         import torch
 
-        self.active, self.count = active, count
+        self.active, self.count = active, count and not self.padding
+        count = self.count
         self.batch += 1
         ids = batch["input_ids"]
         dense = torch.zeros_like(ids, dtype=torch.bool)
@@ -377,9 +393,18 @@ class Controller:
             self.flops[kind][1] -= dense_flops - done_flops
 
     def report(self) -> dict[str, Any]:
+        """The share of base-linear FLOPs skipped, over every rank's rows (a collective with several ranks:
+        every rank calls it at the same point, as ``Method.metrics`` is)."""
+        from peft_lab import distributed
+
+        flops = self.flops
+        if distributed.current().distributed:
+            parts = distributed.gather_objects(self.flops)
+            flops = {k: [sum(p[k][i] for p in parts) for i in (0, 1)] for k in self.flops}
+
         def skipped(kinds):
-            total = sum(self.flops[k][0] for k in kinds)
-            return 1.0 - sum(self.flops[k][1] for k in kinds) / total if total else 0.0
+            total = sum(flops[k][0] for k in kinds)
+            return 1.0 - sum(flops[k][1] for k in kinds) / total if total else 0.0
 
         return {
             "sparselora_flops_skipped": skipped(["mlp", "attn"]),
@@ -489,16 +514,18 @@ def module_classes() -> tuple[type, type, type]:
         @torch.no_grad()
         def _choose(self, x: Any) -> dict:
             xs = self.controller.context(x)
-            if xs.shape[0] == 0:
+            if xs.shape[0] == 0 and not self.controller.shared:
                 return {}
             n_kv, group, hd = self.n_kv, self.n_heads // self.n_kv, self.head_dim
-            qn = self._out(xs, "q").norm(dim=0).view(n_kv, group, hd).mean(1)
-            kn = self._out(xs, "k").norm(dim=0).view(n_kv, hd)
-            qk = qn * kn
+            # per-channel L2 norms over the batch's context tokens (summed squares, over ranks when shared)
+            sq = torch.cat([self._out(xs, key).float().pow(2).sum(0) for key in ("q", "k", "v")])
+            qn, kn, vn = self.controller.scores(sq).sqrt().split([self.n_heads * hd, n_kv * hd, n_kv * hd])
+            qn = qn.view(n_kv, group, hd).mean(1)
+            qk = qn * kn.view(n_kv, hd)
             half = hd // 2
             pairs = (qk[:, :half] + qk[:, half:]).topk(self.keep_pairs, dim=1).indices  # RoPE rotates d with d+half
             dims_qk = torch.cat([pairs, pairs + half], dim=1).sort(dim=1).values  # [n_kv, 2*keep_pairs]
-            vn = self._out(xs, "v").norm(dim=0).view(n_kv, hd)
+            vn = vn.view(n_kv, hd)
             dims_v = vn.topk(self.keep_v, dim=1).indices.sort(dim=1).values
             kv_base = (torch.arange(n_kv, device=x.device) * hd)[:, None]
             q_heads = torch.arange(self.n_heads, device=x.device).view(n_kv, group)  # query heads per KV head
@@ -543,7 +570,8 @@ def module_classes() -> tuple[type, type, type]:
             else:
                 gate = (xs @ self.gate_a.to(xs)) @ self.gate_b.to(xs)
                 act = F.silu(gate) * ((xs @ self.up_a.to(xs)) @ self.up_b.to(xs))
-            return act.norm(dim=0).topk(self.keep).indices.sort().values
+            sq = self.controller.scores(act.float().pow(2).sum(0))  # squared L2 norms (global batch if shared)
+            return sq.topk(self.keep).indices.sort().values
 
         def forward(self, x):
             ctl = self.controller
@@ -555,10 +583,10 @@ def module_classes() -> tuple[type, type, type]:
                 return self.dense(x)
             all_sparse = ctl.sparse_rows.numel() == n
             xs = xf if all_sparse else xf.index_select(0, ctl.sparse_rows)
-            if xs.shape[0] == 0:
+            if xs.shape[0] == 0 and not ctl.shared:
                 ctl.tally("mlp", dense_cost, dense_cost)
                 return self.dense(x)
-            sel = self.channels(xs)
+            sel = self.channels(xs)  # shared: every rank chooses (and joins the all_reduce), even with no token
             act = self.act_fn(_linear_rows(self.gate_proj, xs, sel)) * _linear_rows(self.up_proj, xs, sel)
             ys = _linear_cols(self.down_proj, act, sel)
             done = 3 * xs.shape[0] * self.hidden * self.keep
