@@ -98,9 +98,11 @@ if [[ -n ${GPU_CHECK_PEAK_TFLOPS:-} ]]; then
   bench_args+=(--peak-tflops "$GPU_CHECK_PEAK_TFLOPS")
 fi
 rm -f "$RESULTS/bench.json"
-bench_rc=0
-(cd "$WORK" && timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m peft_lab.bench "${bench_args[@]}") >"$RESULTS/bench.log" 2>&1 ||
-  bench_rc=$?
+set +e # the whole log to bench.log, its progress lines ([bench] ...) to the terminal
+(cd "$WORK" && timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m peft_lab.bench "${bench_args[@]}") 2>&1 |
+  tee "$RESULTS/bench.log" | grep --line-buffered '^\[bench\]'
+bench_rc=${PIPESTATUS[0]}
+set -e
 bench_s=$((SECONDS - T0))
 echo "gpu_check: bench exit $bench_rc after ${bench_s}s (log: $RESULTS/bench.log)"
 
@@ -112,6 +114,7 @@ smoke_one() {
     "method=$m" experiment=smoke "train.device=$DEVICE" train.max_steps=2 logger=none \
     "hydra.run.dir=$WORK/smoke/$m") >"$WORK/smoke_$m.log" 2>&1 || rc=$?
   echo "$m $rc $((SECONDS - t))" >"$WORK/smoke_$m.rc"
+  echo "gpu_check: smoke $m: exit $rc after $((SECONDS - t))s"
 }
 T1=$SECONDS
 for m in "${METHODS_SMOKE[@]}"; do
