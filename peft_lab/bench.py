@@ -44,11 +44,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -182,7 +184,8 @@ class Framework:
         self.dtypes = run._dtypes(self.model, prec)  # (frozen weights, compute, trainable), as a run records them
         self.tokenizer = loaded.tokenizer
         self.examples = examples(args, self.model.get_base_model().config.vocab_size)
-        self.tmp = Path(tempfile.mkdtemp(prefix="peft_lab_bench_"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="peft_lab_bench_"))  # each block's checkpoint; removed with us
+        weakref.finalize(self, shutil.rmtree, self.tmp, ignore_errors=True)
 
     def block(self) -> list[float]:
         from peft_lab import training
