@@ -326,7 +326,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     distributed.init(device)  # several ranks: the rendezvous (every rank waits for the others here)
     prec = resolve_precision(plain(cfg.train.precision), device)
     record.device, record.torch_threads, record.precision = device, threads, prec.name
-    record.world_size = world.size
+    record.world_size, record.compiled = world.size, bool(cfg.train.compile)
     record.grad_scaler = prec.grad_scaler
 
     # --- model + method

@@ -222,6 +222,7 @@ class RunRecord:
     # where and how it ran
     device: Optional[str] = None
     visible_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES as the run saw it
+    compiled: Optional[bool] = None  # train.compile: the training forward ran through torch.compile
     world_size: Optional[int] = None  # data-parallel processes (ranks) the cell ran on; 1: one process
     torch_threads: Optional[int] = None
     precision: Optional[str] = None  # train.precision as resolved: fp32 | bf16 | fp16
