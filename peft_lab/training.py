@@ -286,8 +286,8 @@ def train(
     forward = model
     if tc.compile:
         forward = torch.compile(model)  # the training forward only; hooks and evaluation use the model itself
-    history, samples, tokens, wall, last_loss = [], 0, 0, 0.0, None
-    step_times: list[float] = []
+    history, samples, tokens, last_loss = [], 0, 0, None
+    timer = StepTimer(device)
     first_step_done_at: Optional[float] = None
     window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
     pending: list[tuple[int, torch.Tensor]] = []  # (step, its loss on the device): read at log steps only
@@ -311,7 +311,7 @@ def train(
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed * 100003 + pos["epoch"]))
         micros = [order[i : i + tc.batch_size].tolist() for i in range(0, len(examples), tc.batch_size)]
         while pos["micro"] < len(micros) and pos["step"] < total:
-            t0 = time.perf_counter()
+            timer.start()
             group = micros[pos["micro"] : pos["micro"] + tc.grad_accum]
             # collate the whole group first (on the host, in the same order as ever, so the masked-LM
             # generator advances as before): each micro-batch's weight needs the group's total count.
@@ -372,9 +372,10 @@ def train(
             pos["micro"] += len(group)
             pending.append((pos["step"], zero if step_loss is None else step_loss))
             method.after_optimizer_step(model, pos["step"], total)
-            step_times.append(time.perf_counter() - t0)
-            wall += step_times[-1]
+            timer.stop()
             if first_step_done_at is None:
+                if timer.cuda:
+                    torch.cuda.synchronize()  # once: the first step done, not just launched
                 first_step_done_at = time.time()
             if on_progress is not None:
                 on_progress(pos["step"], total, resumed_from)
@@ -383,6 +384,7 @@ def train(
             ckpt_now = tc.checkpoint_every > 0 and pos["step"] % tc.checkpoint_every == 0 and pos["step"] < total
             if log_now or eval_now or ckpt_now:
                 last_loss = read_losses()
+                timer.flush()  # the device has caught up: the steps' times are known now
             if log_now:
                 now = time.perf_counter()
                 rate = window_samples / max(1e-9, now - window_t)
@@ -396,7 +398,7 @@ def train(
                     "tokens_per_s": tok_rate,
                 }
                 history.append(entry)
-                eta = (total - pos["step"]) * wall / max(1, pos["step"] - resumed_from)
+                eta = (total - pos["step"]) * sum(timer.times) / max(1, pos["step"] - resumed_from)
                 log.info(
                     f"step {pos['step']}/{total}  loss {last_loss:.4f}  lr {entry['lr']:.2e}  "
                     f"{rate:.1f} samples/s  eta {eta:.0f}s"
@@ -410,19 +412,53 @@ def train(
             pos["epoch"] += 1
             pos["micro"] = 0
     last_loss = read_losses() if pending else last_loss
+    timer.flush()
     save_checkpoint(ckpt, model, optimizer, scheduler, method, pos, mlm_gen, scaler=scaler)
     return TrainResult(
         steps=pos["step"],
         total_steps=total,
-        wall_s=wall,
+        wall_s=sum(timer.times),
         samples=samples,
         tokens=tokens,
         final_loss=last_loss,
         resumed_from=resumed_from,
         history=history,
-        step_times=step_times,
+        step_times=timer.times,
         first_step_done_at=first_step_done_at,
     )
+
+
+class StepTimer:
+    """Seconds per optimizer step without a host sync per step: wall-clock on a CPU; on CUDA, events recorded on
+    the stream at the start and end of each step, read at ``flush`` (after the loop has synced anyway), so a
+    step's time is the time the device took from its first to its last kernel, idle gaps included."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.times: list[float] = []
+        self._pending: list = []
+        self._t0: Any = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._t0, end))
+        else:
+            self.times.append(time.perf_counter() - self._t0)
+
+    def flush(self) -> None:
+        for start, end in self._pending:
+            end.synchronize()
+            self.times.append(start.elapsed_time(end) / 1000.0)
+        self._pending = []
 
 
 def loss_count(batch: dict, task: str) -> int:
