@@ -87,19 +87,26 @@ def sacct_states(array_ids: set[str]) -> Optional[dict[str, dict]]:
 
 
 def submitit_result(entry: dict) -> Optional[str]:
-    """'success' / 'error' from the task's submitit result pickle; None while there is none."""
+    """'success' / 'error' from the task's submitit result pickles (one per process: ``<job>_<rank>_result.pkl``;
+    a cell of several processes has ``tasks`` of them); None while none of them says 'error' and one is missing."""
     log = entry.get("log")
     job = entry.get("job_id")
     if not log or not job:
         return None
-    path = Path(log).with_name(f"{job}_0_result.pkl")
-    if not path.exists():
-        return None
-    try:
-        with path.open("rb") as f:
-            return str(pickle.load(f)[0])
-    except Exception:  # unreadable (being written, or needs a module we do not have): it exists
-        return "unknown"
+    outcomes = []
+    for rank in range(max(1, int(entry.get("tasks") or 1))):
+        path = Path(log).with_name(f"{job}_{rank}_result.pkl")
+        if not path.exists():
+            outcomes.append(None)
+            continue
+        try:
+            with path.open("rb") as f:
+                outcomes.append(str(pickle.load(f)[0]))
+        except Exception:  # unreadable (being written, or needs a module we do not have): it exists
+            outcomes.append("unknown")
+    if "error" in outcomes:
+        return "error"
+    return None if None in outcomes else outcomes[0]
 
 
 # ----------------------------------------------------------------------------- run dirs

@@ -478,6 +478,8 @@ def _collect(cell: Cell, returncode: int, sweep_dir: Path) -> None:
 # ----------------------------------------------------------------------------- SLURM
 
 SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001  # slurm.conf's MaxArraySize when a site does not set it
+# what a torch.distributed rank reads; a one-task SLURM job must not inherit them from the submitting shell
+TORCH_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
@@ -557,11 +559,12 @@ def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
 def _submit_chunk(executor: Any, launcher: Any, chunk: list, state: Any) -> list:
     """One ``map_array`` (one array job; a chunk of one cell is a plain job in submitit); each cell gets its
-    task id and log."""
+    task id, log and, in the manifest, the number of processes its task runs."""
     job_args = [(c.overrides, "hydra.sweep.dir", c.idx, f"job_id_for_{c.idx}", state) for c in chunk]
     jobs = executor.map_array(launcher, *zip(*job_args))
     for cell, job in zip(chunk, jobs):
         cell.job_id, cell.log_path = str(job.job_id), Path(job.paths.stderr)
+        cell.meta["tasks"] = job.num_tasks  # processes per cell (nodes x tasks_per_node): _attach_live_tasks
         log.info(f"#{cell.idx} {' '.join(cell.overrides)}  ->  {cell.run_dir}  (task {cell.job_id})")
     return jobs
 
@@ -688,8 +691,10 @@ def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:
         import submitit
 
         folder = Path(entry["log"]).parent.parent / "%j"
+        tasks = max(1, int(entry.get("tasks") or 1))  # processes of a multi-process cell: wait for every rank
         cell.job_id, cell.log_path = str(entry["job_id"]), Path(entry["log"])
-        attached.append((cell, submitit.SlurmJob(folder=folder, job_id=cell.job_id)))
+        cell.meta["tasks"] = tasks
+        attached.append((cell, submitit.SlurmJob(folder=folder, job_id=cell.job_id, tasks=tuple(range(tasks)))))
         log.info(f"#{cell.idx} {cell.name}: task {cell.job_id} is {live[cell.job_id]['state'].lower()}; waiting for it")
     return attached
 
@@ -697,7 +702,10 @@ def _attach_live_tasks(sweep_dir: Path, pending: list) -> list:
 def _slurm_executor(params: dict) -> Any:
     """The executor hydra-submitit-launcher's ``BaseSubmititLauncher.launch`` builds, from the same params.
 
-    ``max_array_size`` is peft_lab's (``launch_slurm`` splits the cells), not an sbatch option."""
+    ``max_array_size`` is peft_lab's (``launch_slurm`` splits the cells), not an sbatch option. A cell of
+    several processes (``nodes`` x ``tasks_per_node`` > 1) gets ``SLURM_KILL_BAD_EXIT=1`` (srun's
+    ``--kill-on-bad-exit``) before the user's ``setup`` lines: a rank that fails ends the others at once,
+    instead of leaving them blocked in a collective until its timeout."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
@@ -707,7 +715,10 @@ def _slurm_executor(params: dict) -> Any:
         cluster="slurm", folder=params["submitit_folder"], slurm_max_num_timeout=int(params["max_num_timeout"])
     )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys})
+    update = {k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys}
+    if int(params.get("nodes") or 1) * int(params.get("tasks_per_node") or 1) > 1:
+        update["slurm_setup"] = ["export SLURM_KILL_BAD_EXIT=1", *(params.get("setup") or [])]
+    executor.update_parameters(**update)
     return executor
 
 
@@ -715,6 +726,7 @@ def _wait_slurm(pending: list, poll_s: Optional[float] = None) -> None:
     """Collect each task as it finishes (result file, or sacct's final state for a task killed without one).
 
     A requeued task is not finished: submitit (sacct) reports it as REQUEUED/PENDING until it runs again.
+    A task of several processes is finished when every rank is (``_job_outcome``).
     """
     remaining = list(pending)
     poll_s = poll_s or (1.0 if len(pending) <= 64 else 5.0)  # each check stats a result file per task
@@ -724,19 +736,57 @@ def _wait_slurm(pending: list, poll_s: Optional[float] = None) -> None:
             if not job.done():
                 continue
             remaining.remove(item)
-            err = None
-            try:
-                ret = job.result()
-                if getattr(ret, "status", None) is not None and ret.status.name != "COMPLETED":
-                    err = ret._return_value
-            except Exception as exc:  # FailedJobError, UncompletedJobError, ...: this cell only
-                err = exc
+            err, rank = _job_outcome(job)
+            if rank:  # the failure is another rank's: its log holds the traceback
+                cell.log_path = Path(job.task(rank).paths.stderr)
             _collect_slurm(cell, err)
             value = cell.record.value if cell.record else None
             shown = f"{cell.record.main_metric} = {value:.4f}" if value is not None else cell.error
             log.info(f"#{cell.idx} {cell.name} (task {cell.job_id}): {cell.status}  {shown}")
         if remaining:
             time.sleep(poll_s)
+
+
+def _job_outcome(job: Any) -> tuple[Optional[BaseException], Optional[int]]:
+    """(the error that ended a finished task, the rank it came from), or (None, None) when every rank returned.
+
+    A task of several processes is a submitit meta-job: each rank writes its own result file
+    (``<job>_<rank>_result.pkl``), ``job.result()`` refuses it (AssertionError: use ``results()``) and
+    ``results()`` / ``exception()`` give the lowest failed rank. That is often not the cause: when rank 1 raises,
+    srun's kill-on-bad-exit ends rank 0, which leaves no result (UncompletedJobError). So every rank is read,
+    and the error whose result file was written first wins (the one that failed first); a rank without a
+    result (killed) is only waited for and counted when no rank raised. One rank: the same as ``job.result()``.
+    """
+    failures: list = []
+    ranks = list(range(job.num_tasks))
+    written = [r for r in ranks if job.task(r).paths.result_pickle.exists()]
+    for rank in written + [r for r in ranks if r not in written]:
+        task = job.task(rank)
+        if failures and rank not in written:
+            break  # ended by the failure already read (no result): submitit would wait 15 s for each
+        try:
+            ret = task.result()
+        except Exception as exc:  # FailedJobError (it raised), UncompletedJobError (no result: killed), ...
+            try:
+                at = task.paths.result_pickle.stat().st_mtime
+            except OSError:
+                at = float("inf")
+            failures.append((at, rank, exc))
+            continue
+        if getattr(ret, "status", None) is not None and ret.status.name != "COMPLETED":
+            failures.append((float("inf"), rank, ret._return_value))
+    if not failures:
+        return None, None
+    _, rank, err = min(failures, key=lambda f: (f[0], f[1]))
+    return (_RankError(rank, err) if job.num_tasks > 1 else err), rank
+
+
+class _RankError(Exception):
+    """The error of one rank of a multi-process task; ``_short_error`` names the rank."""
+
+    def __init__(self, rank: int, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.rank, self.err = rank, err
 
 
 def _collect_slurm(cell: Cell, err: Optional[BaseException]) -> None:
@@ -755,9 +805,12 @@ def _collect_slurm(cell: Cell, err: Optional[BaseException]) -> None:
 
 def _short_error(err: Optional[BaseException]) -> str:
     """One line from submitit's errors: the exception line of a task's traceback
-    ("peft_lab.errors.UserError: ..." -> "UserError: ..."), else the first line."""
+    ("peft_lab.errors.UserError: ..." -> "UserError: ..."), else the first line; "rank k: " in front
+    for a rank of a multi-process task."""
     if err is None:
         return ""
+    if isinstance(err, _RankError):
+        return f"rank {err.rank}: {_short_error(err.err)}"
     text = str(err)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
     if not lines:
@@ -774,12 +827,64 @@ def _short_error(err: Optional[BaseException]) -> str:
     return line[:500]
 
 
+def torch_distributed_env() -> Optional[Any]:
+    """Inside a SLURM task: the ``torch.distributed`` environment of a multi-process cell, or None for one process.
+
+    With ``SLURM_NTASKS`` > 1 (``cluster.nodes`` x ``cluster.tasks_per_node``; srun started each process
+    with the pickled launcher), ``submitit.helpers.TorchDistributedEnvironment().export()`` sets ``RANK``
+    (``SLURM_PROCID``), ``WORLD_SIZE`` (``SLURM_NTASKS``), ``LOCAL_RANK`` (``SLURM_LOCALID``),
+    ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` (the job's first node) and ``MASTER_PORT`` (``MASTER_PORT`` if set,
+    else a port in 20000-60000 drawn from the job id: the same on every rank and after a requeue). Values
+    inherited from the submitting shell (sbatch exports its environment) are overwritten.
+    ``CUDA_VISIBLE_DEVICES`` is left as SLURM set it: each rank sees the job's GPUs on its node and uses
+    device ``LOCAL_RANK`` of those (submitit's default would narrow it to the single index ``LOCAL_RANK``,
+    which is the wrong GPU without device cgroups and leaves ``cuda:<LOCAL_RANK>`` out of range).
+
+    One process: variables inherited from the submitting shell are removed, so the cell trains as one process.
+    """
+    ntasks = int(os.environ.get("SLURM_NTASKS") or 1)
+    if ntasks <= 1:
+        stale = [k for k in TORCH_DIST_ENV if k in os.environ]
+        for key in stale:
+            del os.environ[key]
+        if stale:
+            print(f"peft_lab: one process per task: removed {', '.join(stale)} (from the submitting shell)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    import submitit
+
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    print(
+        f"peft_lab: rank {env.rank} of {env.world_size} (local rank {env.local_rank} of {env.local_world_size}), "
+        f"master {env.master_addr}:{env.master_port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return env
+
+
+def _forget_earlier_result() -> None:
+    """Remove this process's result file from an earlier attempt of this task (before a requeue).
+
+    With several processes only rank 0 requeues (submitit's checkpoint handler); the other ranks run on until
+    SLURM stops them, and one whose collective lost rank 0 raises and leaves an error result behind. The
+    submitting process counts a task done when every rank has a result file, so that stale file would make
+    the attempt after the requeue look failed the moment rank 0 finishes it."""
+    import submitit
+
+    try:
+        submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+    except (OSError, KeyError, RuntimeError):  # not inside a submitit job (tests), or not ours to remove
+        pass
+
+
 def run_slurm_task(call: Callable[[], Any]) -> Any:
     """Inside an array task (and again after a requeue): run the cell; raise if it failed.
 
     Raising makes SLURM record the task as FAILED and submitit store the traceback, which
     the submitting process reports. The run dir is derived from the overrides, so a
-    requeued task finds its checkpoint and resumes from it (train.resume=true).
+    requeued task finds its checkpoint and resumes from it (train.resume=true). A task of
+    several processes runs this in each of them, as one rank (``torch_distributed_env``).
     """
     from hydra.core.utils import JobStatus
 
@@ -789,6 +894,8 @@ def run_slurm_task(call: Callable[[], Any]) -> Any:
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and not os.environ.get("PEFT_LAB_THREADS"):
         os.environ["PEFT_LAB_THREADS"] = cpus  # the allocation, not every core of the node
+    _forget_earlier_result()
+    torch_distributed_env()
     ret = call()
     if ret.status != JobStatus.COMPLETED:
         err = ret._return_value

@@ -374,3 +374,133 @@ def test_sweep_past_max_array_size_goes_out_as_several_arrays_and_reruns_nothing
     assert {c["name"]: c["job_id"] for c in kept} == jobs and all(c["skipped"] for c in kept)  # where each ran
     assert _status(sweep, cli_env)["array_job_ids"] == arrays
     print(f"\n5 cells as 3 arrays ({', '.join(arrays)}): {wall:.1f}s; re-run skipped all")
+
+
+def test_multi_process_task_gets_a_torch_distributed_environment_and_a_failing_rank_is_named(tmp_path):
+    """cluster.tasks_per_node=2: srun starts two processes per array task; each gets RANK / WORLD_SIZE /
+    LOCAL_RANK / MASTER_ADDR / MASTER_PORT (the same rendezvous on both). When rank 1 raises, srun ends
+    rank 0 at once (kill-on-bad-exit; it would sleep 60 s) and the cell's error is rank 1's, not
+    "rank 0 produced no output" (what submitit's results() gives). No training here: the launcher's part."""
+    from peft_lab import sweep
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NODELIST")
+
+    def probe(fail_rank, sleep_s):  # a closure: cloudpickle ships it by value
+        sweep.torch_distributed_env()
+        if os.environ["RANK"] == str(fail_rank):
+            raise ValueError(f"boom on rank {fail_rank}")
+        time.sleep(sleep_s)
+        return {k: os.environ.get(k) for k in keys}
+
+    params = dict(submitit_folder=str(tmp_path / ".submitit" / "%j"), timeout_min=5, cpus_per_task=1,
+                  tasks_per_node=2, nodes=1, name="probe", partition="debug", max_num_timeout=0, setup=[],
+                  additional_parameters={}, array_parallelism=2, max_array_size=2)  # fmt: skip
+    t0 = time.monotonic()
+    ok, bad = sweep._slurm_executor(params).map_array(probe, [None, 1], [0, 60])
+    assert ok.num_tasks == bad.num_tasks == 2
+    while not (ok.done() and bad.done()):
+        assert time.monotonic() - t0 < 120, "the tasks did not end"
+        time.sleep(0.5)
+    ended = time.monotonic() - t0
+    assert sweep._job_outcome(ok) == (None, None)
+    env = ok.results()
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"]) for e in env] == [
+        ("0", "0", "2", "2"),
+        ("1", "1", "2", "2"),
+    ]
+    assert env[0]["MASTER_ADDR"] == env[1]["MASTER_ADDR"] == env[0]["SLURM_NODELIST"]
+    assert env[0]["MASTER_PORT"] == env[1]["MASTER_PORT"] and 20000 <= int(env[0]["MASTER_PORT"]) <= 60000
+    err, rank = sweep._job_outcome(bad)
+    assert rank == 1 and sweep._short_error(err) == "rank 1: ValueError: boom on rank 1"
+    assert ended < 55, f"rank 0 was not ended when rank 1 failed ({ended:.0f}s)"
+    print(
+        f"\n2-process tasks: environment on both ranks, rank 1's failure named; both ended {ended:.1f}s after submission"
+    )
+
+
+_WARM_TINY = """
+import sys
+from hydra import compose, initialize_config_dir
+import peft_lab.config
+from peft_lab import models
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose(config_name="config", overrides=["experiment=smoke"])
+print(models.build_from_config(cfg.model))
+"""
+
+
+def test_two_process_cell_completes_and_resumes_after_requeues(tmp_path, cli_env):
+    """One cell as a 2-process data-parallel job (cluster.tasks_per_node=2, one CPU each): rank 0 writes the one
+    metrics.json (world_size 2) and the one adapter. Interrupted twice, both ranks run again and resume from the
+    checkpoint, and the waiting launcher reports the cell completed:
+
+    1. `scontrol requeue`: SIGTERM to both ranks (submitit ignores it), SIGKILL after KillWait.
+    2. SIGUSR2 (preemption / timeout): only rank 0 checkpoints and requeues; rank 1 runs on, its collective
+       loses rank 0 and it raises, leaving an error result that the next attempt must not be judged by.
+    """
+    sweep = tmp_path / "sweep"
+    # the tiny model's cache is built by one process first: built by a rank other than 0 it holds no weights
+    # (transformers' save_pretrained writes nothing on a torch.distributed rank != 0) and the cell fails
+    build = subprocess.run(
+        [sys.executable, "-c", _WARM_TINY, str(REPO / "conf")],
+        cwd=REPO,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    steps = 800  # ~20 steps/s on 2 busy cores: each interruption lands mid-run, a checkpoint every 50 steps
+    args = ["-m", *SLURM, "dataset=sst2", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
+            f"train.max_steps={steps}", "train.checkpoint_every=50", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    t0 = time.monotonic()
+    submitter = _start(args, tmp_path, cli_env, tmp_path / "submit.out")
+
+    def cell(info: dict) -> dict:
+        return info["cells"][0]
+
+    def interrupt(command: list[str], after_step: int, resumed_from: int | None) -> tuple[int, int]:
+        """Once the cell runs past ``after_step``: interrupt; return (step then, checkpoint it resumes from)."""
+        info = _wait_status(
+            sweep,
+            cli_env,
+            lambda i: (
+                cell(i)["state"] == "running"
+                and (cell(i)["step"] or 0) >= after_step
+                and cell(i)["resumed_from"] == resumed_from
+            ),
+            f"the cell running past step {after_step}",
+            180,
+        )
+        subprocess.run([*command, cell(info)["job_id"]], check=True, timeout=30)
+        waiting = _wait_status(
+            sweep, cli_env, lambda i: cell(i)["state"] == "requeued" and cell(i)["slurm_state"] == "PENDING", "requeued"
+        )
+        return cell(info)["step"], cell(waiting)["step"]
+
+    try:
+        step1, k1 = interrupt(["scontrol", "requeue"], 50, None)
+        step2, k2 = interrupt(["scancel", "--signal=USR2"], k1 + 50, k1)
+        assert submitter.wait(timeout=300) == 0, (tmp_path / "submit.out").read_text()[-3000:]
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+    wall = time.monotonic() - t0
+    assert "Sweep summary (1 completed, 0 skipped, 0 failed)" in (tmp_path / "submit.out").read_text()
+    (run_dir,) = [p.parent for p in sweep.glob("*/metrics.json")]
+    m = read_metrics(run_dir)
+    assert m["status"] == "completed" and m["world_size"] == 2 and m["steps"] == steps
+    assert 0 < k1 < k2 < steps and k1 % 50 == 0 == k2 % 50 and m["resumed_from_step"] == k2
+    log = (run_dir / "train.log").read_text()
+    assert f"Resumed from step {k1} " in log and f"Resumed from step {k2} " in log
+    assert [p.name for p in (run_dir / "adapter").glob("*.safetensors")] == ["adapter_model.safetensors"]
+    err0 = Path(cell(_status(sweep, cli_env))["log"])
+    logs = [err0, err0.with_name(err0.name.replace("_0_log", "_1_log"))]
+    for rank, log in enumerate(logs):
+        assert log.read_text().count(f"peft_lab: rank {rank} of 2") == 3, log  # every attempt ran both ranks
+    assert "Requeued job" in err0.with_suffix(".out").read_text() + err0.read_text()
+    assert "Not checkpointing nor requeuing since I am a slave" in logs[1].with_suffix(".out").read_text()
+    print(
+        f"\n2-process cell: scontrol requeue at step {step1} -> resumed from {k1}; SIGUSR2 at step {step2} -> "
+        f"resumed from {k2}; {steps} steps, {wall:.1f}s in all"
+    )

@@ -1,5 +1,5 @@
 """The SLURM launcher's plan without a cluster: the array limit (MaxArraySize), the split of a sweep into
-array jobs and the executor's parameters.
+array jobs, the executor's parameters and how a multi-process task's outcome is read.
 
 The same code against a real SLURM is in test_slurm.py (marker ``slurm``).
 """
@@ -7,7 +7,9 @@ The same code against a real SLURM is in test_slurm.py (marker ``slurm``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import train_cli
@@ -96,3 +98,79 @@ def test_executor_gets_no_max_array_size(tmp_path):
     text = sweep._slurm_executor(_params(tmp_path))._executor._make_submission_file_text("python -m x", "uid")
     assert "max-array-size" not in text and "max_array_size" not in text
     assert "#SBATCH --partition=debug" in text and "module load x" in text and "SLURM_KILL_BAD_EXIT" not in text
+
+
+def test_multi_process_cells_kill_on_bad_exit(tmp_path):
+    two = sweep._slurm_executor(_params(tmp_path, tasks_per_node=2, cpus_per_task=1))
+    text = two._executor._make_submission_file_text("python -m x", "uid")
+    assert "#SBATCH --ntasks-per-node=2" in text
+    lines = text.splitlines()
+    assert lines.index("export SLURM_KILL_BAD_EXIT=1") < lines.index("module load x")  # the user's setup may undo it
+
+
+class _Task:
+    """A finished submitit task: ``result()`` returns or raises; its result file written at ``written``."""
+
+    def __init__(self, folder: Path, name: str, outcome, written: float | None = None) -> None:
+        self.outcome = outcome
+        path = folder / f"{name}_result.pkl"
+        if written is not None:
+            path.write_bytes(b"x")
+            os.utime(path, (written, written))
+        self.paths = SimpleNamespace(result_pickle=path, stderr=folder / f"{name}_log.err")
+
+    def result(self):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+class _Job:
+    def __init__(self, tasks: list) -> None:
+        self.tasks = tasks
+        self.num_tasks = len(tasks)
+
+    def task(self, rank: int) -> _Task:
+        return self.tasks[rank]
+
+
+def test_multi_process_task_reports_the_rank_that_failed_first(tmp_path):
+    """Rank 1 raised; srun then killed rank 0 (no result file): the cell's error is rank 1's, not
+    'rank 0 has not produced any output' (what submitit's results()/exception() would give: the lowest rank)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from peft_lab.runfiles import Status
+
+    trace = "Traceback (most recent call last):\n  File x\npeft_lab.errors.UserError: rank one broke. Fix: x\n"
+    killed = UncompletedJobError("Job 7_3 (task: 0) with path /x\nhas not produced any output (state: FAILED)")
+    job = _Job([_Task(tmp_path, "7_3_0", killed), _Task(tmp_path, "7_3_1", FailedJobError(trace), written=100.0)])
+    err, rank = sweep._job_outcome(job)
+    assert rank == 1 and sweep._short_error(err) == "rank 1: UserError: rank one broke. Fix: x"
+
+    # both raised (rank 0 by a consequence of rank 1's failure): the earlier result file wins
+    late = FailedJobError("Traceback (most recent call last):\nRuntimeError: Connection closed by peer\n")
+    job = _Job([_Task(tmp_path, "8_0", late, written=200.0), _Task(tmp_path, "8_1", FailedJobError(trace), 100.0)])
+    assert sweep._job_outcome(job)[1] == 1
+
+    ok = SimpleNamespace(status=SimpleNamespace(name="COMPLETED"))
+    assert sweep._job_outcome(_Job([_Task(tmp_path, "9_0", ok, 1.0), _Task(tmp_path, "9_1", ok, 1.0)])) == (None, None)
+    # one process: the error as it was, no rank in front
+    err, rank = sweep._job_outcome(_Job([_Task(tmp_path, "10_0", FailedJobError(trace), 1.0)]))
+    assert rank == 0 and sweep._short_error(err) == "UserError: rank one broke. Fix: x"
+
+    # _wait_slurm points the cell's log at the failing rank's
+    cell = sweep.Cell(0, ["seed=0"], run_dir=tmp_path / "seed=0", job_id="7_3", log_path=tmp_path / "7_3_0_log.err")
+    job = _Job([_Task(tmp_path, "7_3_0", killed), _Task(tmp_path, "7_3_1", FailedJobError(trace), written=100.0)])
+    job.done = lambda: True
+    sweep._wait_slurm([(cell, job)], poll_s=0.01)
+    assert cell.status == Status.failed and cell.error.startswith("rank 1: UserError")
+    assert cell.log_path == tmp_path / "7_3_1_log.err"
+
+
+def test_one_process_task_drops_a_torch_distributed_environment_from_the_submitting_shell(monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert sweep.torch_distributed_env() is None
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+    assert "removed RANK, WORLD_SIZE" in capsys.readouterr().err

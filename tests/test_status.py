@@ -158,3 +158,41 @@ def test_one_status_vocabulary_for_an_interrupted_run(tmp_path):
     sweep._collect(cell, -15, sw)  # the cell's process ended by SIGTERM after writing "interrupted"
     assert cell.status == runfiles.Status.interrupted
     assert "1 interrupted" in sweep.write_summary(sw, [cell])
+
+
+def test_several_array_jobs_and_multi_process_tasks(tmp_path):
+    """A sweep split into several array jobs (more cells than MaxArraySize) is one sweep to status: every
+    array is asked about and named; a cell of two processes is failed when either rank's result says so."""
+    import pickle
+
+    sweep = tmp_path / "sweep"
+    done = {"status": "completed", "steps": 6, "main_metric": "accuracy", "main_metric_value": 0.5}
+    entries = []
+    for i, job in enumerate(["12_0", "12_1", "13_0", "13_1", "9"]):
+        entry = _cell(sweep, f"seed={i}", done)
+        entry.update(job_id=job, log=str(sweep / ".submitit" / job / f"{job}_0_log.err"))
+        entries.append(entry)
+    manifest = {"launcher": "slurm", "host": socket.gethostname(), "launcher_pid": _dead_pid(), "finished": True,
+                "array_job_id": "9", "array_job_ids": ["9", "12", "13"], "cells": entries}  # fmt: skip
+    (sweep / ".cells").mkdir()
+    (sweep / ".cells" / "manifest.json").write_text(json.dumps(manifest))
+    info = status.collect(sweep)
+    assert info["array_job_ids"] == ["9", "12", "13"] and info["counts"]["completed"] == 5
+    assert "array jobs 9, 12, 13" in status.render(info)
+
+    # no SLURM answer: the result files of both ranks decide
+    folder = tmp_path / ".submitit" / "20_1"
+    folder.mkdir(parents=True)
+    entry = {"job_id": "20_1", "log": str(folder / "20_1_0_log.err"), "tasks": 2}
+
+    def result(rank: int, outcome: str) -> None:
+        (folder / f"20_1_{rank}_result.pkl").write_bytes(pickle.dumps((outcome, None)))
+
+    assert status.submitit_result(entry) is None
+    result(0, "success")
+    assert status.submitit_result(entry) is None  # rank 1 still running
+    assert status.submitit_result({**entry, "tasks": 1}) == "success"
+    result(1, "error")
+    assert status.submitit_result(entry) == "error"
+    result(1, "success")
+    assert status.submitit_result(entry) == "success"

@@ -78,7 +78,9 @@ class SlurmCellLauncher(submitit_launcher.SlurmLauncher):
     collected, never raised.
 
     ``__call__`` is what each array task runs (and what submitit's ``checkpoint`` resubmits
-    after a preemption or timeout); ``launch`` runs in the submitting process.
+    after a preemption or timeout); ``launch`` runs in the submitting process. A cell of several
+    processes (``nodes`` x ``tasks_per_node`` > 1) runs ``__call__`` in each of them, one rank each
+    (``peft_lab.sweep.torch_distributed_env``); only rank 0 writes ``.hydra/``.
 
     Hydra's plugin scan re-executes this module inside a task after the task has unpickled
     its launcher, so the class object of ``self`` is no longer the module's: no ``super()``
@@ -89,7 +91,7 @@ class SlurmCellLauncher(submitit_launcher.SlurmLauncher):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from peft_lab.sweep import run_slurm_task
 
-        return run_slurm_task(lambda: submitit_launcher.BaseSubmititLauncher.__call__(self, *args, **kwargs))
+        return run_slurm_task(lambda: _run_cell(self, *args, **kwargs))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import sys
@@ -105,3 +107,33 @@ class SlurmCellLauncher(submitit_launcher.SlurmLauncher):
         from peft_lab.sweep import launch_slurm
 
         return launch_slurm(self, job_overrides, initial_job_idx)
+
+
+def _run_cell(
+    launcher: Any, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str, singleton_state: Any
+) -> Any:
+    """``BaseSubmititLauncher.__call__`` (hydra-submitit-launcher 1.2.0), except that a rank other than 0 of a
+    multi-process cell does not write the run dir's ``.hydra/`` (rank 0 does; as ``peft_lab.cell`` does locally)."""
+    import os
+
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import run_job, setup_globals
+    from omegaconf import open_dict
+
+    Singleton.set_state(singleton_state)
+    setup_globals()
+    sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, sweep_overrides)
+    with open_dict(sweep_config.hydra.job) as job:
+        job.id = submitit.JobEnvironment().job_id
+        sweep_config.hydra.job.num = job_num
+    if int(os.environ.get("RANK") or 0) > 0:
+        with open_dict(sweep_config.hydra):
+            sweep_config.hydra.output_subdir = None
+    return run_job(
+        hydra_context=launcher.hydra_context,
+        task_function=launcher.task_function,
+        config=sweep_config,
+        job_dir_key=job_dir_key,
+        job_subdir_key="hydra.sweep.subdir",
+    )
