@@ -20,16 +20,25 @@ from conftest import REPO, read_metrics, train_cli
 
 # batch 5 x accumulation 2 over 96 rows: the last micro-batch of the epoch has one row, so one rank gets
 # no row of it (the stand-in path) and the shares are uneven (3 + 2 rows)
-BASE = ["experiment=smoke", "logger=none", "method.lora_dropout=0", "train.log_every=1", "train.batch_size=5",
+BASE = ["experiment=smoke", "logger=none", "train.log_every=1", "train.batch_size=5",
         "train.grad_accum=2", "train.max_steps=11"]  # fmt: skip
 # the tiny model has 2 layers: both sparse, MLP and attention, from the first step
 SPARSELORA = ["method=sparselora", "method.mlp_sparsity=0-1:0.5", "method.attn_sparsity=0-1:0.5",
-              "method.warmup_frac=0"]  # fmt: skip
+              "method.warmup_frac=0", "method.lora_dropout=0"]  # fmt: skip
 CASES = {
-    "lora-sst2": ["method=lora", "dataset=sst2"],
+    "lora-sst2": ["method=lora", "dataset=sst2", "method.lora_dropout=0"],
     "sparselora-sst2": [*SPARSELORA, "dataset=sst2"],
-    "sparse-wikitext2": ["method=sparse", "dataset=wikitext2", "method.start_step=2", "method.end_step=6"],
+    "sparse-wikitext2": [
+        "method=sparse",
+        "dataset=wikitext2",
+        "method.start_step=2",
+        "method.end_step=6",
+        "method.lora_dropout=0",
+    ],
+    "qlora-wikitext2": ["method=qlora", "dataset=wikitext2", "method.lora_dropout=0"],
+    "hira-sst2": ["method=hira", "dataset=sst2", "method.hira_dropout=0"],
 }
+DEFAULT_CASES = ("lora-sst2", "sparselora-sst2")  # the others in the slow suite (-m slow)
 
 
 def _losses(rec: dict) -> dict[int, float]:
@@ -55,11 +64,14 @@ def _close(a: dict, b: dict, rel: float) -> None:
         assert float((a[k] - b[k]).abs().max()) <= rel * scale, k
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_train_as_one(case, tmp_path, cli_env):
+@pytest.mark.parametrize("case", [c if c in DEFAULT_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
+def test_two_processes_train_as_one(case, tmp_path, cli_env, compose, monkeypatch):
+    from peft_lab import run
+
     args = [*BASE, *CASES[case]]
-    one = train_cli([*args, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, cli_env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    for key in ("PEFT_LAB_CACHE", "HF_HUB_OFFLINE", "PEFT_LAB_THREADS"):  # the one-process run, in this process
+        monkeypatch.setenv(key, cli_env[key])
+    run.execute(compose(*args), run.RunContext(tmp_path / "one"))
     two = train_cli([*args, f"hydra.run.dir={tmp_path / 'two'}", "cluster.nproc_per_cell=2"], tmp_path, cli_env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -83,7 +95,7 @@ def test_two_processes_train_as_one(case, tmp_path, cli_env):
 
 
 def test_one_wandb_run_for_a_two_process_cell(tmp_path, cli_env):
-    args = [*BASE, "method=lora", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}", "cluster.nproc_per_cell=2"]
+    args = [*BASE, *CASES["lora-sst2"], "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}", "cluster.nproc_per_cell=2"]
     proc = train_cli(args, tmp_path, cli_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_metrics(tmp_path / "run")
@@ -92,9 +104,10 @@ def test_one_wandb_run_for_a_two_process_cell(tmp_path, cli_env):
     assert not list(tmp_path.rglob("wandb/offline-run-*"))[1:]  # no other rank made one elsewhere
 
 
+@pytest.mark.slow
 def test_nproc_per_cell_in_a_sweep_and_bad_values(tmp_path, cli_env):
     """A -m sweep runs each cell on 2 processes (same result as the single run); a bad value exits 2."""
-    args = [*BASE, "method=lora", "dataset=sst2"]
+    args = [*BASE, *CASES["lora-sst2"]]
     single = train_cli([*args, f"hydra.run.dir={tmp_path / 'single'}"], tmp_path, cli_env)
     assert single.returncode == 0, single.stderr[-3000:]
     sweep = train_cli(["-m", *args, "cluster.nproc_per_cell=2", "seed=0", f"hydra.sweep.dir={tmp_path / 'sw'}"],
@@ -123,7 +136,7 @@ def test_shard_deals_every_row_once():
 def test_killed_two_process_cell_resumes_to_the_uninterrupted_result(tmp_path, cli_env):
     """SIGTERM to rank 0 mid-run (as `kill` or the local launcher does): the record says interrupted, no rank
     is left running; the same command resumes from the checkpoint and ends equal to an uninterrupted run."""
-    args = [*BASE, "method=lora", "train.max_steps=400", "train.checkpoint_every=20", "train.log_every=20",
+    args = [*BASE, *CASES["lora-sst2"], "train.max_steps=400", "train.checkpoint_every=20", "train.log_every=20",
             "cluster.nproc_per_cell=2"]  # fmt: skip
     full = train_cli([*args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path, cli_env)
     assert full.returncode == 0, full.stderr[-3000:]
