@@ -234,13 +234,14 @@ def finish_sweep(sweep_dir: Path, cells: list, launcher: str, stopped: bool = Fa
 # ----------------------------------------------------------------------------- local
 
 
-def device_slots(parallel: int) -> tuple[list[Optional[str]], str]:
-    """The CUDA device each of ``parallel`` concurrent cells gets, and a note for the log.
+def device_slots(parallel: int, nproc: int = 1) -> tuple[list[Optional[str]], str]:
+    """The CUDA devices each of ``parallel`` concurrent cells gets (``nproc`` per cell: one per rank, as a
+    ``CUDA_VISIBLE_DEVICES`` value such as ``"0,1"``), and a note for the log.
 
     The devices are those in ``CUDA_VISIBLE_DEVICES`` when it is set (an empty value: none),
     else the GPUs ``nvidia-smi -L`` lists. No device: every slot is None (CPU; the environment
-    is left alone). More cells at once than devices: capped at the device count, with a warning,
-    so two cells never share a GPU unasked.
+    is left alone). More cells at once than device groups: capped, with a warning, so two cells
+    never share a GPU unasked; fewer devices than ``nproc``: a UserError.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -249,13 +250,22 @@ def device_slots(parallel: int) -> tuple[list[Optional[str]], str]:
         devices = _nvidia_smi_devices()
     if not devices:
         return [None] * parallel, "no CUDA device"
-    if parallel > len(devices):
-        log.warning(
-            f"cluster.parallel={parallel} but only {len(devices)} CUDA device(s) ({','.join(devices)}): "
-            f"running {len(devices)} cells at once, one per device"
+    if nproc > len(devices):
+        from peft_lab.errors import fail
+
+        raise fail(
+            f"cluster.nproc_per_cell={nproc} but only {len(devices)} CUDA device(s) are visible ({','.join(devices)})",
+            f"use cluster.nproc_per_cell<={len(devices)} (one GPU per rank)",
         )
-        parallel = len(devices)
-    return devices[:parallel], f"one CUDA device each ({','.join(devices[:parallel])})"
+    groups = [",".join(devices[i : i + nproc]) for i in range(0, len(devices) - nproc + 1, nproc)]
+    if parallel > len(groups):
+        log.warning(
+            f"cluster.parallel={parallel} but only {len(devices)} CUDA device(s) ({','.join(devices)}) for "
+            f"{nproc} per cell: running {len(groups)} cells at once"
+        )
+        parallel = len(groups)
+    what = "one CUDA device each" if nproc == 1 else f"{nproc} CUDA devices each, one per rank"
+    return groups[:parallel], f"{what} ({' | '.join(groups[:parallel])})"
 
 
 def _nvidia_smi_devices() -> list[str]:
@@ -273,8 +283,15 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     config = launcher.config
     parallel = max(1, int(launcher.parallel or config.cluster.parallel or 1))
+    nproc = max(1, int(config.cluster.get("nproc_per_cell") or 1))  # < 1: each cell fails at start-up, saying so
     sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
-    slots, slot_note = device_slots(parallel)
+    try:
+        slots, slot_note = device_slots(parallel, nproc)
+    except Exception as err:  # a UserError: too few GPUs for the ranks asked for
+        print(f"peft_lab: error: {err}. Nothing was launched.", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if nproc > 1:
+        slot_note += f"; {nproc} processes (data-parallel ranks) per cell"
     parallel = len(slots)
     pending = [c for c in cells if c.status == Status.pending]
     for cell in pending:
@@ -293,7 +310,7 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     state_path = rf.cells_dir(sweep_dir) / rf.LAUNCHER_STATE
     state_path.write_bytes(cloudpickle.dumps(state))
 
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = max(1, (os.cpu_count() or 1) // (parallel * nproc))  # per process: every rank of every cell
     finished = _run_cells(pending, state_path, sweep_dir, slots, threads)
     return finish_sweep(sweep_dir, cells, "local", stopped=not finished, driven=_driven(launcher))
 

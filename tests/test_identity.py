@@ -192,6 +192,19 @@ def test_local_cells_get_one_device_each(monkeypatch, caplog):
     assert sweep.device_slots(2)[0] == [None, None]  # no GPU: the environment is left alone
 
 
+def test_multi_process_cells_get_a_device_per_rank(monkeypatch, caplog):
+    """cluster.nproc_per_cell=2 on 5 GPUs: two cells at once on 0,1 and 2,3 (GPU 4 idle); 6 ranks on 5: refused."""
+    from peft_lab import sweep
+    from peft_lab.errors import UserError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
+    with caplog.at_level("WARNING"):
+        slots, note = sweep.device_slots(3, nproc=2)
+    assert slots == ["0,1", "2,3"] and "running 2 cells at once" in caplog.text and "one per rank" in note
+    with pytest.raises(UserError, match="nproc_per_cell=6 but only 5"):
+        sweep.device_slots(1, nproc=6)
+
+
 # ----------------------------------------------------------------------------- case 10: precision
 
 
