@@ -323,7 +323,6 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
 
     set_seed(cfg.seed)
     device = _device(str(cfg.train.device), world)
-    distributed.init(device)  # several ranks: the rendezvous (every rank waits for the others here)
     prec = resolve_precision(plain(cfg.train.precision), device)
     record.device, record.torch_threads, record.precision = device, threads, prec.name
     record.world_size, record.compiled = world.size, bool(cfg.train.compile)
@@ -331,6 +330,9 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
 
     # --- model + method
     loaded, model, base_footprint = build_model(cfg, method, task, device, prec.weight_dtype)
+    # several ranks: the rendezvous (every rank waits for the others here). After loading: transformers saves
+    # nothing on a rank other than 0 once a process group exists, and the first load may build the model cache
+    distributed.init(device)
     models.check_input_length(ds, task, loaded.model.config if hasattr(loaded.model, "config") else model.config)
     record.weight_dtype, record.compute_dtype, record.trainable_dtype = _dtypes(model, prec)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.train, ds.max_train_samples)

@@ -241,7 +241,7 @@ class ClusterConfig:
     nproc_per_cell: int = 1  # local: processes (data-parallel ranks) per cell; one CUDA device each on a GPU machine
     nodes: int = 1  # slurm: nodes per array task (one cell)
     tasks_per_node: int = 1  # slurm: processes (data-parallel ranks) per node; set gpus_per_node to match on GPUs
-    max_array_size: Optional[int] = None  # slurm: tasks per array job; null: MaxArraySize - 1 from scontrol show config
+    max_array_size: Optional[int] = None  # slurm: tasks per array job; null: MaxArraySize from scontrol show config
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None

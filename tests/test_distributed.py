@@ -95,8 +95,10 @@ def test_two_processes_train_as_one(case, tmp_path, cli_env, compose, monkeypatc
 
 
 def test_one_wandb_run_for_a_two_process_cell(tmp_path, cli_env):
+    """...from an empty model cache: both ranks build the tiny model (transformers saves nothing on a rank
+    other than 0 once a process group exists, so the ranks must load before they join it)."""
     args = [*BASE, *CASES["lora-sst2"], "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}", "cluster.nproc_per_cell=2"]
-    proc = train_cli(args, tmp_path, cli_env)
+    proc = train_cli(args, tmp_path, dict(cli_env, PEFT_LAB_CACHE=str(tmp_path / "fresh_cache")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_metrics(tmp_path / "run")
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
