@@ -34,12 +34,15 @@ def count_parameters(model: Any) -> dict[str, Any]:
         total += n
         trainable += n if p.requires_grad else 0
     adapter = head = 0
+    seen: set[int] = set()  # each adapter parameter once (PEFT lists DoRA's lora_magnitude_vector twice)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             for layer_name in module.adapter_layer_names:
                 for sub in getattr(module, layer_name).values():
-                    params = sub.parameters() if hasattr(sub, "parameters") else [sub]
-                    adapter += sum(_numel(p) for p in params if p.requires_grad)
+                    for p in sub.parameters() if hasattr(sub, "parameters") else [sub]:
+                        if p.requires_grad and id(p) not in seen:
+                            seen.add(id(p))
+                            adapter += _numel(p)
         elif isinstance(module, ModulesToSaveWrapper):
             head += sum(_numel(p) for p in module.modules_to_save.parameters() if p.requires_grad)
     # A saved head sits twice in the adapted model (frozen original + trainable copy that replaces it).
