@@ -15,7 +15,7 @@ COMPOSITION_CASES = {
     "wrong_type_int": (["method.r=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     "wrong_type_float": (["method.lr=fast"], "could not be converted to Float"),
     "unknown_group_option": (["dataset=sst3"], "Could not find 'dataset/sst3'"),
-    "unknown_method": (["method=dora"], "Could not find 'method/dora'"),
+    "unknown_method": (["method=dorra"], "Could not find 'method/dorra'"),
     "bad_enum": (["dataset.task=regression"], "Invalid value 'regression'"),
 }
 
