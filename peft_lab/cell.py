@@ -13,6 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from peft_lab.runfiles import LAUNCHER_PID_ENV
+
 
 def main(argv: list[str]) -> int:
     import cloudpickle
@@ -67,9 +69,6 @@ def main(argv: list[str]) -> int:
     if str(result_path) != "-":
         rf.write_json_atomic(result_path, result)
     return 0 if result["status"] == "completed" else 1
-
-
-LAUNCHER_PID_ENV = "PEFT_LAB_LAUNCHER_PID"
 
 
 def watch_launcher(period_s: float = 1.0) -> None:

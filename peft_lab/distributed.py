@@ -236,7 +236,7 @@ class LocalRanks:
         self.port = free_port()
         env = {"WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port)}
         os.environ.update(env, RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(nproc))
-        from peft_lab.cell import LAUNCHER_PID_ENV
+        from peft_lab.runfiles import LAUNCHER_PID_ENV
 
         self.procs = []
         for rank in range(1, nproc):

@@ -437,6 +437,9 @@ def cell_dir_name(override_dirname: str) -> str:
 
 # keys that cannot change any number a run reports: where and how it is logged, scheduled,
 # checkpointed and named. Everything else in the resolved config is part of the fingerprint.
+# the pid a sweep cell (or a rank of a multi-process cell) watches: it stops when that process is gone
+LAUNCHER_PID_ENV = "PEFT_LAB_LAUNCHER_PID"
+
 NON_COMPUTATIONAL = (
     "logger",
     "cluster",

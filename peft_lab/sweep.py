@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from peft_lab import runfiles as rf
-from peft_lab.cell import LAUNCHER_PID_ENV
-from peft_lab.runfiles import Status
+from peft_lab.runfiles import LAUNCHER_PID_ENV, Status
 from peft_lab.schemas import plain
 
 log = logging.getLogger(__name__)
