@@ -11,7 +11,7 @@
 #    deep-band placement), interleaved as the bench does: per method step time, tokens/s, MFU (6N
 #    convention, the device's dense bf16 peak: see peft_lab/bench.py), peak CUDA memory and dtypes;
 #    QLoRA's peak memory against LoRA-bf16; SparseLoRA's paired speed-up over LoRA.
-# 2. smoke: every method in conf/method/ (lora qlora hira sparse sparselora full head) through the real
+# 2. smoke: every method in conf/method/ (lora, qlora, hira, sparse, sparselora, full, head and the generic PEFT ones) through the real
 #    train.py on the tiny model, experiment=smoke train.device=cuda train.max_steps=2 logger=none, each
 #    into its own temp dir; pass = exit 0 and a completed metrics.json that ran on that device.
 # Prints a summary block at the end; writes bench.json, bench.log, smoke.log, gpu_check.json and
@@ -32,9 +32,9 @@
 #   8192x2048, 16 of 2048x2048; 4.3 s and 2.2 s each on 2 cores here) ~60 s, cached on disk after;
 #   timed part: at 40 % MFU a LoRA step is 6 x 1.24e9 x 8192 / (0.4 x 989e12) ~ 0.15 s, QLoRA ~2x that:
 #   4 methods x 3 repeats x 13 steps ~ 30-40 s, plus ~1 s per block (optimizer, checkpoint) ~ 12 s.
-# - smoke: 7 train.py processes at once (~8 s of imports each, tiny model, 2 steps, evaluation),
-#   ~30-60 s; limit 110 s each.
-# - worst case, every limit hit (each +10 s to kill): 60 + 300 + 120 + the summary (~1 s) = 8 min.
+# - smoke: 18 methods, 9 train.py processes at once (~8 s of imports each, tiny model, 2 steps,
+#   evaluation), two waves of ~20-30 s; limit 60 s each.
+# - worst case, every limit hit (each +10 s to kill): 60 + 300 + 2 x 70 + the summary (~1 s) = 8.3 min.
 # On CPU (GPU_CHECK_ALLOW_CPU=1): --model tiny, batch 2 x seq 32, 2 repeats of 1 + 2 steps, the smoke
 # one method after another, SparseLoRA with both tiny layers sparse (the deep band names none of 2);
 # about 2 minutes on 2 cores. MFU is left out on CPU (no peak) unless GPU_CHECK_PEAK_TFLOPS is set.
@@ -44,7 +44,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python}
 RESULTS=${OUT:-./gpu_check_out}
 ALLOW_CPU=${GPU_CHECK_ALLOW_CPU:-0}
-METHODS_SMOKE=(lora qlora hira sparse sparselora full head)
+# every method config the project ships (conf/method/*.yaml), so a new method is smoke-tested without editing this
+mapfile -t METHODS_SMOKE < <(cd "$REPO/conf/method" && ls -1 -- *.yaml | sed 's/\.yaml$//' | sort)
 
 die() {
   echo "gpu_check: $*" >&2
@@ -77,11 +78,11 @@ EOF
     die "no usable CUDA device for torch: torch.cuda.is_available() is false or the GPU has no bf16. Install a CUDA build of torch (pip install torch==2.13.0 from the CUDA index), check CUDA_VISIBLE_DEVICES, or set GPU_CHECK_ALLOW_CPU=1 for a CPU dry run."
   fi
   DEVICE=cuda MODEL=llama-1b-shape BATCH=8 SEQ=1024 WARMUP=3 STEPS=10 REPEATS=3
-  THREADS=$(nproc) SMOKE_JOBS=${#METHODS_SMOKE[@]} SMOKE_THREADS=2
+  THREADS=$(nproc) SMOKE_JOBS=9 SMOKE_THREADS=1
   SPARSELORA=sparselora
 fi
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-290}
-SMOKE_TIMEOUT=${GPU_CHECK_SMOKE_TIMEOUT:-110}
+SMOKE_TIMEOUT=${GPU_CHECK_SMOKE_TIMEOUT:-60}
 
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
