@@ -385,7 +385,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
         tracker.log({f"select/{k}": v for k, v in result.items()}, step)
 
     def on_progress(step: int, total: int, resumed_from: int) -> None:
-        if world.main and step in (resumed_from, total) or step % max(1, cfg.train.log_every) == 0:
+        if world.main and (step in (resumed_from, total) or step % max(1, cfg.train.log_every) == 0):
             rf.write_progress(run_dir, step, total, resumed_from)
 
     if not method.trains():
