@@ -57,11 +57,17 @@ def world_from_env(env: Optional[dict] = None) -> World:
     Raises ValueError when they are inconsistent (a rank outside 0..WORLD_SIZE-1, MASTER_ADDR or
     MASTER_PORT missing with WORLD_SIZE > 1): a half-set environment must not train as one process."""
     env = os.environ if env is None else env
-    size = int(env.get("WORLD_SIZE") or 1)
-    if size <= 1:
-        return World()
-    rank = int(env.get("RANK", -1))
-    local = int(env.get("LOCAL_RANK", rank))
+    try:
+        size = int(env.get("WORLD_SIZE") or 1)
+        if size <= 1:
+            return World()
+        rank = int(env.get("RANK", -1))
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise ValueError(
+            f"WORLD_SIZE={env.get('WORLD_SIZE')!r} RANK={env.get('RANK')!r} LOCAL_RANK={env.get('LOCAL_RANK')!r}: "
+            "not integers; unset them for one process, or start the ranks with torchrun or cluster.nproc_per_cell"
+        ) from None
     missing = [k for k in ENV_KEYS if not env.get(k) and k != "LOCAL_RANK"]
     if missing or not 0 <= rank < size:
         raise ValueError(
@@ -112,11 +118,6 @@ def shutdown() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     _WORLD = World()
-
-
-# rank -> argv that runs this same cell as that rank (set by the entry point: ``peft_lab.cell`` or ``run.main``);
-# ``cluster.nproc_per_cell`` > 1 needs it
-rank_command: Optional[Any] = None
 
 
 def barrier() -> None:
@@ -267,6 +268,11 @@ class LocalRanks:
                     self.stop(wait_s=5.0)
                     os._exit(1)
             time.sleep(0.5)
+
+    def dead(self) -> list[str]:
+        """The ranks that have already ended with an error, e.g. ``["rank 1 of 2 exited with code -9"]``."""
+        return [f"rank {r} of {len(self.procs) + 1} exited with code {p.poll()}"
+                for r, p in enumerate(self.procs, start=1) if p.poll() not in (None, 0)]  # fmt: skip
 
     def stop(self, wait_s: float = 60.0) -> list:
         """Rank 0 is done (or failing): wait up to ``wait_s`` for the other ranks, then SIGTERM, then SIGKILL;

@@ -86,8 +86,9 @@ def main(cfg: DictConfig) -> Optional[float]:
         if ctx.multirun or (isinstance(stop, SystemExit) and not isinstance(stop.code, int)):
             raise
         code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
-        print(f"peft_lab: interrupted; run the same command again to resume ({ctx.run_dir})", file=sys.stderr,
-              flush=True)  # fmt: skip
+        if int(os.environ.get("RANK") or 0) == 0:  # one line per run, not per rank
+            print(f"peft_lab: interrupted; run the same command again to resume ({ctx.run_dir})", file=sys.stderr,
+                  flush=True)  # fmt: skip
         sys.exit(code)
     except (UserError, DivergedError) as err:
         if ctx.multirun:
@@ -173,11 +174,15 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
             ranks, world = _start_ranks(cfg, world, record, ctx.run_dir)
             value = _pipeline(cfg, ctx, record, tracker_box, t0, world)
     except BaseException as err:
+        dead = ranks.dead() if ranks is not None else []  # a rank that died first is the cause, not the symptom
         if ranks is not None:
             ranks.stop(wait_s=10.0)
         distributed.shutdown()
         interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
         record.end(rf.Status.interrupted if interrupted else rf.Status.failed, err)
+        if dead and not interrupted:
+            record.error = f"{'; '.join(dead)} (see its lines in the log), then rank 0: {record.error}"
+            log.error(f"{'; '.join(dead)}: the cell failed")
         record.failure = (
             "interrupted"
             if interrupted
@@ -216,10 +221,18 @@ def _world(cfg: DictConfig) -> Any:
         raise fail(
             f"cluster.nproc_per_cell={nproc} is not a number of processes", "use 1 (one process per cell) or more"
         )
+    if (
+        str(cfg.cluster.get("name")) == "local"
+        and max(int(cfg.cluster.get(k) or 1) for k in ("tasks_per_node", "nodes")) > 1
+    ):
+        raise fail(
+            "cluster.tasks_per_node / cluster.nodes are SLURM settings, but this cell runs on this machine (cluster=local)",
+            "use cluster.nproc_per_cell=N here, or cluster=slurm",
+        )
     try:
         world = distributed.world_from_env()
     except ValueError as err:
-        raise fail(str(err), "see README, 'Several GPUs for one cell'") from None
+        raise fail(str(err), "see README, 'Several GPUs (or processes) for one cell'") from None
     if world.distributed and nproc > 1 and nproc != world.size:
         raise fail(
             f"cluster.nproc_per_cell={nproc} but this process is already rank {world.rank} of WORLD_SIZE={world.size} "
@@ -249,6 +262,13 @@ def _start_ranks(cfg: DictConfig, world: Any, record: rf.RunRecord, run_dir: Pat
         record.failure = "error"
         record.save(run_dir)
 
+    cores = os.cpu_count() or 1
+    if nproc > cores and not os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+        log.warning(f"cluster.nproc_per_cell={nproc} processes on {cores} CPU cores: on CPUs they share the cores, "
+                    "so the cell runs slower, not faster (each also holds its own copy of the model)")  # fmt: skip
+    if nproc > int(cfg.train.batch_size):
+        log.warning(f"cluster.nproc_per_cell={nproc} > train.batch_size={cfg.train.batch_size}: some ranks have no row "
+                    "of a micro-batch and compute a stand-in row that counts for nothing")  # fmt: skip
     log.info(f"cluster.nproc_per_cell={nproc}: this process is rank 0; starting ranks 1..{nproc - 1}")
     ranks = distributed.LocalRanks(nproc, distributed.rank_command, on_lost)
     return ranks, distributed.world_from_env()
@@ -333,6 +353,12 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     # several ranks: the rendezvous (every rank waits for the others here). After loading: transformers saves
     # nothing on a rank other than 0 once a process group exists, and the first load may build the model cache
     distributed.init(device)
+    dirs = distributed.gather_objects(str(run_dir))
+    if len(set(dirs)) > 1:  # e.g. torchrun without hydra.run.dir: each rank's own timestamped folder
+        raise fail(
+            f"the ranks of this cell run in different folders ({', '.join(sorted(set(dirs)))})",
+            "give one: hydra.run.dir=<folder> (torchrun), or use cluster.nproc_per_cell",
+        )
     models.check_input_length(ds, task, loaded.model.config if hasattr(loaded.model, "config") else model.config)
     record.weight_dtype, record.compute_dtype, record.trainable_dtype = _dtypes(model, prec)
     train_ex = data_mod.tokenize(ds, loaded.tokenizer, splits.train, ds.max_train_samples)
@@ -534,7 +560,7 @@ def _device(requested: str, world: Any = None) -> str:
     device = requested
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise fail("train.device=cuda but no CUDA device is visible", "use train.device=auto or cpu")
+            raise fail(f"train.device={requested} but no CUDA device is visible", "use train.device=auto or cpu")
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if world is not None and world.distributed and device.startswith("cuda"):

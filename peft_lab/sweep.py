@@ -282,7 +282,11 @@ def launch_local(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     config = launcher.config
     parallel = max(1, int(launcher.parallel or config.cluster.parallel or 1))
-    nproc = max(1, int(config.cluster.get("nproc_per_cell") or 1))  # < 1: each cell fails at start-up, saying so
+    nproc = int(config.cluster.get("nproc_per_cell") or 1)
+    if nproc < 1:
+        print(f"peft_lab: error: cluster.nproc_per_cell={nproc} is not a number of processes. Fix: use 1 (one "
+              "process per cell) or more. Nothing was launched.", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(2)
     sweep_dir, cells = prepare_cells(launcher, job_overrides, initial_job_idx)
     try:
         slots, slot_note = device_slots(parallel, nproc)
@@ -482,8 +486,8 @@ def _collect(cell: Cell, returncode: int, sweep_dir: Path) -> None:
     result = rf.read_json(rf.cell_result(sweep_dir, cell.name))
     cell.record = rf.read_record(cell.run_dir)
     rec_status = cell.record.status if cell.record else None
-    if returncode == 0 and rec_status == Status.completed:
-        cell.status = Status.completed
+    if rec_status == Status.completed:  # the record is written last and atomically: a signal after it (the
+        cell.status = Status.completed  # process still exiting) does not undo a completed run
         return
     cell.status = Status.interrupted if rec_status == Status.interrupted else Status.failed
     cell.error = (

@@ -166,3 +166,60 @@ def test_killed_two_process_cell_resumes_to_the_uninterrupted_result(tmp_path, c
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-5)
     assert b["main_metric_value"] == a["main_metric_value"]
     _close(_adapter(tmp_path / "full"), _adapter(run_dir), rel=1e-5)
+
+
+def test_bad_rank_settings_are_refused_before_anything_runs(compose, tmp_path, monkeypatch):
+    from peft_lab import run
+    from peft_lab.distributed import world_from_env
+    from peft_lab.errors import UserError
+
+    with pytest.raises(UserError, match="SLURM settings.*cluster.nproc_per_cell=N"):
+        run.execute(
+            compose("experiment=smoke", "logger=none", "cluster.tasks_per_node=2"), run.RunContext(tmp_path / "a")
+        )
+    with pytest.raises(ValueError, match="WORLD_SIZE='abc'.*not integers"):
+        world_from_env({"WORLD_SIZE": "abc"})
+    with pytest.raises(ValueError, match=r"incomplete.*missing \['RANK', 'MASTER_ADDR', 'MASTER_PORT'\]"):
+        world_from_env({"WORLD_SIZE": "2"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="incomplete"):
+        run.execute(compose("experiment=smoke", "logger=none"), run.RunContext(tmp_path / "b"))
+    assert not (tmp_path / "a" / "metrics.json").exists() and not (tmp_path / "b" / "metrics.json").exists()
+
+
+def test_a_signal_after_the_record_says_completed_does_not_undo_it(tmp_path):
+    """Ctrl-C while a finished cell's process is still exiting (rank 0 waiting for its ranks): the cell is
+    completed, as its metrics.json says, not failed or interrupted."""
+    from peft_lab import runfiles as rf
+    from peft_lab import sweep
+
+    run_dir = tmp_path / "sweep" / "cell"
+    rec = rf.RunRecord(status=rf.Status.completed, main_metric="accuracy", main_metric_value=0.5)
+    rec.save(run_dir)
+    rf.write_json_atomic(rf.cell_result(tmp_path / "sweep", "cell"), {"status": "interrupted"})
+    cell = sweep.Cell(0, ["seed=0"], run_dir=run_dir)
+    sweep._collect(cell, 130, tmp_path / "sweep")
+    assert cell.status == rf.Status.completed and cell.error == ""
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_fails_the_cell_naming_it(tmp_path, cli_env):
+    run_dir = tmp_path / "run"
+    args = [*BASE, *CASES["lora-sst2"], "train.max_steps=3000", "train.log_every=50", "cluster.nproc_per_cell=2",
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=cli_env,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            progress = run_dir / "progress.json"
+            if progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 50:
+                break
+            time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir} hydra.output_subdir=null"],
+                               capture_output=True, text=True).stdout.split()  # fmt: skip
+        assert len(ranks) == 1, ranks
+        subprocess.run(["kill", "-9", ranks[0]])
+        assert proc.wait(timeout=120) != 0
+    rec = read_metrics(run_dir)
+    assert rec["status"] == "failed" and "rank 1 of 2 exited with code -9" in rec["error"], rec.get("error")
