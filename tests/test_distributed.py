@@ -41,6 +41,16 @@ CASES = {
 DEFAULT_CASES = ("lora-sst2", "sparselora-sst2")  # the others in the slow suite (-m slow)
 
 
+def _wait_for_step(run_dir: Path, step: int, timeout: float = 300.0) -> None:
+    """Until the run's progress.json says ``step`` (or the timeout: the caller's checks then fail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = run_dir / "progress.json"
+        if progress.exists() and json.loads(progress.read_text()).get("step", 0) >= step:
+            return
+        time.sleep(0.2)
+
+
 def _losses(rec: dict) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in rec["train_history"]}
 
@@ -146,12 +156,7 @@ def test_killed_two_process_cell_resumes_to_the_uninterrupted_result(tmp_path, c
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"]
     with open(tmp_path / "cut.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            progress = run_dir / "progress.json"
-            if progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 60:
-                break
-            time.sleep(0.2)
+        _wait_for_step(run_dir, 60)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) != 0
     rec = read_metrics(run_dir)
@@ -210,12 +215,7 @@ def test_a_rank_killed_mid_run_fails_the_cell_naming_it(tmp_path, cli_env):
     with open(tmp_path / "out.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=cli_env,
                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            progress = run_dir / "progress.json"
-            if progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 50:
-                break
-            time.sleep(0.2)
+        _wait_for_step(run_dir, 50)
         ranks = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir} hydra.output_subdir=null"],
                                capture_output=True, text=True).stdout.split()  # fmt: skip
         assert len(ranks) == 1, ranks
