@@ -218,8 +218,12 @@ def test_a_rank_killed_mid_run_fails_the_cell_naming_it(tmp_path, cli_env):
         _wait_for_step(run_dir, 50)
         ranks = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir} hydra.output_subdir=null"],
                                capture_output=True, text=True).stdout.split()  # fmt: skip
-        assert len(ranks) == 1, ranks
+        out = tmp_path / "out.log"
+        assert len(ranks) == 1, (ranks, out.read_text()[-3000:])
         subprocess.run(["kill", "-9", ranks[0]])
-        assert proc.wait(timeout=120) != 0
+        assert proc.wait(timeout=120) != 0, out.read_text()[-3000:]
     rec = read_metrics(run_dir)
-    assert rec["status"] == "failed" and "rank 1 of 2 exited with code -9" in rec["error"], rec.get("error")
+    assert rec["status"] == "failed" and "rank 1 of 2 exited with code -9" in rec["error"], (
+        rec,
+        out.read_text()[-3000:],
+    )
