@@ -269,10 +269,18 @@ class LocalRanks:
                     os._exit(1)
             time.sleep(0.5)
 
-    def dead(self) -> list[str]:
-        """The ranks that have already ended with an error, e.g. ``["rank 1 of 2 exited with code -9"]``."""
-        return [f"rank {r} of {len(self.procs) + 1} exited with code {p.poll()}"
-                for r, p in enumerate(self.procs, start=1) if p.poll() not in (None, 0)]  # fmt: skip
+    def dead(self, wait_s: float = 0.0) -> list[str]:
+        """The ranks that have ended with an error, e.g. ``["rank 1 of 2 exited with code -9"]``, waiting up to
+        ``wait_s`` for one (a peer's socket can close a moment before its process is gone)."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [f"rank {r} of {len(self.procs) + 1} exited with code {p.poll()}"
+                    for r, p in enumerate(self.procs, start=1) if p.poll() not in (None, 0)]  # fmt: skip
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.1)
 
     def stop(self, wait_s: float = 60.0) -> list:
         """Rank 0 is done (or failing): wait up to ``wait_s`` for the other ranks, then SIGTERM, then SIGKILL;

@@ -174,13 +174,16 @@ def execute(cfg: DictConfig, ctx: RunContext) -> Optional[float]:
             ranks, world = _start_ranks(cfg, world, record, ctx.run_dir)
             value = _pipeline(cfg, ctx, record, tracker_box, t0, world)
     except BaseException as err:
-        dead = ranks.dead() if ranks is not None else []  # a rank that died first is the cause, not the symptom
+        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+        # a rank that died first is the cause, not the symptom (rank 0's error is then a collective's); a divergence
+        # or a bad input ends every rank alike, and rank 0's own message says it
+        shared = interrupted or isinstance(err, (UserError, DivergedError))
+        dead = ranks.dead(wait_s=3.0) if ranks is not None and not shared else []
         if ranks is not None:
             ranks.stop(wait_s=10.0)
         distributed.shutdown()
-        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
         record.end(rf.Status.interrupted if interrupted else rf.Status.failed, err)
-        if dead and not interrupted:
+        if dead:
             record.error = f"{'; '.join(dead)} (see its lines in the log), then rank 0: {record.error}"
             log.error(f"{'; '.join(dead)}: the cell failed")
         record.failure = (
