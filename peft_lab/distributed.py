@@ -30,7 +30,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# the torch.distributed environment of a rank (torchrun's names); launchers set it, and clear it for one process
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+REQUIRED_KEYS = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # with WORLD_SIZE > 1
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def world_from_env(env: Optional[dict] = None) -> World:
             f"WORLD_SIZE={env.get('WORLD_SIZE')!r} RANK={env.get('RANK')!r} LOCAL_RANK={env.get('LOCAL_RANK')!r}: "
             "not integers; unset them for one process, or start the ranks with torchrun or cluster.nproc_per_cell"
         ) from None
-    missing = [k for k in ENV_KEYS if not env.get(k) and k != "LOCAL_RANK"]
+    missing = [k for k in REQUIRED_KEYS if not env.get(k)]
     if missing or not 0 <= rank < size:
         raise ValueError(
             f"WORLD_SIZE={size} but the torch.distributed environment is incomplete "
@@ -291,6 +293,6 @@ class LocalRanks:
             end = time.monotonic() + wait
             while time.monotonic() < end and any(p.poll() is None for p in alive):
                 time.sleep(0.2)
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        for key in ENV_KEYS:
             os.environ.pop(key, None)
         return [p.poll() for p in self.procs]

@@ -498,8 +498,6 @@ def _collect(cell: Cell, returncode: int, sweep_dir: Path) -> None:
 # ----------------------------------------------------------------------------- SLURM
 
 SLURM_DEFAULT_MAX_ARRAY_SIZE = 1001  # slurm.conf's MaxArraySize when a site does not set it
-# what a torch.distributed rank reads; a one-task SLURM job must not inherit them from the submitting shell
-TORCH_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
@@ -864,7 +862,9 @@ def torch_distributed_env() -> Optional[Any]:
     """
     ntasks = int(os.environ.get("SLURM_NTASKS") or 1)
     if ntasks <= 1:
-        stale = [k for k in TORCH_DIST_ENV if k in os.environ]
+        from peft_lab.distributed import ENV_KEYS  # a one-task job must not inherit them from the submitting shell
+
+        stale = [k for k in ENV_KEYS if k in os.environ]
         for key in stale:
             del os.environ[key]
         if stale:
