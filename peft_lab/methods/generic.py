@@ -187,19 +187,11 @@ class Method(BaseMethod):
         if self.cfg.quantize is None:
             return {}
         import torch
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=plain(self.cfg.quantize),
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
-            llm_int8_skip_modules=list(self.model_cfg.keep_unquantised) or None,
-        )
-        kwargs: dict[str, Any] = {"quantization_config": quant}
-        if device.startswith("cuda"):
-            kwargs["device_map"] = {"": device if ":" in device else 0}
-        return kwargs
+        from peft_lab.methods.qlora import four_bit_load_kwargs
+
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32  # as qlora's compute_dtype auto
+        return four_bit_load_kwargs(plain(self.cfg.quantize), True, compute, self.model_cfg, device)
 
     def prepare_base(self, model: Any) -> Any:
         if self.cfg.quantize is not None:

@@ -69,19 +69,9 @@ class Method(lora.Method):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=plain(self.cfg.quant_type),
-            bnb_4bit_use_double_quant=self.cfg.double_quant,
-            bnb_4bit_compute_dtype=self.compute_dtype(device),
-            llm_int8_skip_modules=list(self.model_cfg.keep_unquantised) or None,
+        return four_bit_load_kwargs(
+            plain(self.cfg.quant_type), self.cfg.double_quant, self.compute_dtype(device), self.model_cfg, device
         )
-        kwargs = {"quantization_config": quant}
-        if device.startswith("cuda"):
-            kwargs["device_map"] = {"": device if ":" in device else 0}
-        return kwargs
 
     def adapt(self, model: Any) -> Any:
         from peft import prepare_model_for_kbit_training
@@ -197,3 +187,22 @@ def _quant_state_bytes(qs: Any, code_tables: set) -> int:
             code_tables.add(table)
             total += qs.state2.code.numel() * qs.state2.code.element_size()
     return total
+
+
+def four_bit_load_kwargs(quant_type: str, double_quant: bool, compute_dtype: Any, model_cfg: Any, device: str) -> dict:
+    """``from_pretrained`` kwargs that load the base in 4-bit (bitsandbytes ``quant_type`` nf4 / fp4, double
+    quantisation or not, matmuls in ``compute_dtype``), ``model_cfg.keep_unquantised`` left in full precision,
+    placed on ``device`` when it is a CUDA device. Shared by ``qlora`` and the generic methods' ``quantize``."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(model_cfg.keep_unquantised) or None,
+    )
+    kwargs: dict[str, Any] = {"quantization_config": quant}
+    if device.startswith("cuda"):
+        kwargs["device_map"] = {"": device if ":" in device else 0}
+    return kwargs
