@@ -185,19 +185,7 @@ class Framework:
         self.tokenizer = loaded.tokenizer
         self.examples = examples(args, self.model.get_base_model().config.vocab_size)
         self.tmp = Path(tempfile.mkdtemp(prefix="peft_lab_bench_"))  # each block's checkpoint; removed with us
-        if device.startswith("cuda"):
-            # training.train reads losses only at log steps (none here), so nothing waits for the GPU inside
-            # a step and its step time would be the launch time: wait at the end of each step, as the bare
-            # loop does. after_optimizer_step is the last hook inside the timed part of a step.
-            import torch
-
-            hook = self.method.after_optimizer_step
-
-            def synced(*a: Any, **kw: Any) -> None:
-                hook(*a, **kw)
-                torch.cuda.synchronize()
-
-            self.method.after_optimizer_step = synced
+        # on CUDA, training.train times each step with CUDA events (no sync inside a step), as a run does
         weakref.finalize(self, shutil.rmtree, self.tmp, ignore_errors=True)
 
     def block(self) -> list[float]:
