@@ -56,7 +56,6 @@ def _losses(rec: dict) -> dict[int, float]:
 
 
 def _adapter(run_dir: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     files = sorted((run_dir / "adapter").rglob("*.safetensors"))
@@ -64,7 +63,8 @@ def _adapter(run_dir: Path) -> dict:
     out = {}
     for f in files:
         out.update({f"{f.name}:{k}": v.float() for k, v in load_file(str(f)).items()})
-    return out if out else {"": torch.zeros(1)}
+    assert out, f"an empty adapter in {run_dir}"
+    return out
 
 
 def _close(a: dict, b: dict, rel: float) -> None:
