@@ -67,7 +67,14 @@ SPARSITY_PLOTS = ("sparsity_metric", "sparsity_step_time")  # made only for a sw
 _SWEPT_ELSEWHERE = ("method=", "dataset=", "seed=", "hydra.", "cluster", "logger")
 _PROTOCOL_KEYS = ("method.lr",)  # what a protocol chooses per arm: shown in the cell, never in the row label
 
-METHOD_ORDER = ("lora", "qlora", "hira", "sparse", "sparselora")
+# table rows: the LoRA family, the other adapters, the sparse methods, the baselines; any other method after these,
+# alphabetically (``_row_order``)
+METHOD_ORDER = (
+    "lora", "rslora", "dora", "pissa", "olora", "qlora",
+    "hira", "vera", "adalora", "loha", "lokr", "oft", "ia3", "shira",
+    "sparse", "sparselora",
+    "full", "head",
+)  # fmt: skip
 DATASET_ORDER = ("sst2", "imdb", "wikitext2")
 
 BOOTSTRAP_REPS = 2000
@@ -88,6 +95,7 @@ _LM_METRICS = ("perplexity", "mlm_perplexity")
 
 
 def _order(name: str, known: tuple) -> int:
+    """``name``'s place in ``known``; every other name ranks after all of them (callers sort ties by name)."""
     return known.index(name) if name in known else len(known)
 
 
