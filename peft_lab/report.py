@@ -13,12 +13,17 @@ aggregates seeds (mean ± sample std), and writes into ``<sweep>/report/``:
   adds the chosen learning rate to each cell and a stage-1 table (selection metric per lr). A sweep
   with ``sparse`` / ``sparselora`` runs adds a "Sparsity study" section: per dataset, one row per
   configuration of LoRA and the sparse methods (mean sparsity, test metric, Δ vs LoRA, median
-  training step time and speed-up vs LoRA; ``sparsity_study``).
+  training step time and speed-up vs LoRA; ``sparsity_study``). Runs that recorded their inference cost
+  (metrics.json ``inference``, ``peft_lab.inference``) add an "Inference cost" section: per method × dataset,
+  the latency per example (ms, mean over seeds) unmerged / merged (PEFT's ``merge_and_unload``) and the
+  model's footprint (MiB), with a footnote wherever merged outputs differ from unmerged ones or the merge failed.
 - ``report.csv``: the same table as numbers (one row per method, columns per dataset);
-  ``runs.csv``: one row per run (a protocol sweep's stage-1 runs included, ``stage`` column).
+  ``runs.csv``: one row per run (a protocol sweep's stage-1 runs included, ``stage`` column; its inference
+  record as ``inference.<key>`` columns).
 - PNG plots: ``PLOTS`` always, ``PROTOCOL_PLOTS`` (selection metric vs lr) for a protocol sweep,
   ``SPARSITY_PLOTS`` (test metric and step time vs sparsity, LoRA as a reference band) for a sweep
-  with sparse / sparselora runs.
+  with sparse / sparselora runs, ``INFERENCE_PLOTS`` (unmerged vs merged latency per method) when runs
+  recorded their inference cost.
 
 **Statistics.** In each dataset column, every row is compared with the best row (best mean)
 by a paired bootstrap (Efron & Tibshirani 1993; Koehn 2004 for NLP test sets): the per-run
@@ -64,6 +69,7 @@ REPORT_DIR = rf.REPORT_DIR
 PLOTS = ("metric_by_method", "metric_vs_trainable", "peak_memory", "throughput", "metric_vs_walltime")
 PROTOCOL_PLOTS = ("select_lr",)  # made only for a protocol sweep
 SPARSITY_PLOTS = ("sparsity_metric", "sparsity_step_time")  # made only for a sweep with sparse / sparselora runs
+INFERENCE_PLOTS = ("latency",)  # made only when a run recorded its inference cost (metrics.json "inference")
 _SWEPT_ELSEWHERE = ("method=", "dataset=", "seed=", "hydra.", "cluster", "logger")
 _PROTOCOL_KEYS = ("method.lr",)  # what a protocol chooses per arm: shown in the cell, never in the row label
 
@@ -92,6 +98,13 @@ SPARSITY_XLABEL = "sparsity (sparse: share of adapter weights zero; sparselora: 
 EVAL_MODES = ("accuracy_dense", "accuracy_sparse")  # sparselora on classification: test accuracy per evaluation mode
 
 _LM_METRICS = ("perplexity", "mlm_perplexity")
+
+# metrics.json "inference" (peft_lab.inference.measure), flattened into runs.csv as inference.<key>; ms, bytes
+INFERENCE_KEYS = ("examples", "batch_size", "repeats", "latency_ms", "merged_latency_ms", "merge", "merge_error",
+                  "max_abs_diff", "tolerance", "outputs_match", "pred_agreement", "footprint_bytes",
+                  "merged_footprint_bytes")  # fmt: skip
+MISMATCH_MARK = "†"  # an inference cell where merged outputs differ from unmerged ones
+MERGE_FAILED_MARK = "‡"  # an inference cell where merge_and_unload failed
 
 
 def _order(name: str, known: tuple) -> int:
@@ -344,6 +357,7 @@ class Run:
     in_table: bool = True  # a plain sweep's runs and a protocol's stage-2 runs
     outputs: Optional[dict] = None  # outputs_arrays of test_outputs.jsonl (completed table runs)
     outputs_note: str = ""  # why ``outputs`` is None
+    inference: Optional[dict] = None  # metrics.json "inference" (INFERENCE_KEYS); None: not measured, older record
 
 
 @dataclass(kw_only=True)
@@ -369,6 +383,21 @@ class Agg(Comparison):
     lr: Optional[float] = None  # protocol sweeps: the chosen learning rate
     at_edge: Optional[bool] = None  # ... and whether it is at the end of the grid
     lr_note: str = ""  # "grid edge" | "flat grid" (every lr scored the same) | "nothing trains" (zero-shot)
+    # inference cost (``_agg_inference``), over the completed runs that recorded it (``inference_n`` of them)
+    inference_n: int = 0
+    latency_ms: Optional[float] = None  # mean over runs of the unmerged latency, ms per example
+    merged_latency_ms: Optional[float] = None  # mean over the merged runs (``merged_n``) of the merged latency
+    merged_n: int = 0
+    merge: Optional[str] = None  # merged | not_applicable | failed, or "failed 1, merged 2" when the runs differ
+    merge_failed: int = 0  # runs whose merge_and_unload failed
+    merge_error: Optional[str] = None  # the first of their errors
+    outputs_match: Optional[bool] = None  # False: some run's merged outputs differ beyond its tolerance
+    mismatched: int = 0  # runs with outputs_match false
+    max_abs_diff: Optional[float] = None  # the largest max |merged − unmerged| output (among mismatched runs if any)
+    tolerance: Optional[float] = None  # that run's tolerance (absolute, in output units: logits or nats)
+    pred_agreement: Optional[float] = None  # mean share of examples whose predicted class merging left unchanged
+    footprint_bytes: Optional[float] = None  # mean parameters + buffers, unmerged (bytes)
+    merged_footprint_bytes: Optional[float] = None  # ... after merge_and_unload
 
 
 def _mean(xs: list) -> Optional[float]:
@@ -419,6 +448,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 run_dir=path.parent.name,
                 error=error,
                 config=rec.config,
+                inference=_inference_of(rec, path),
             )
         )
     for c in rf.read_manifest(sweep_dir).get("cells", []):
@@ -450,6 +480,13 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         elif r.status == Status.completed:
             _attach_outputs(r, sweep_dir / r.run_dir)
     return runs
+
+
+def _inference_of(rec: rf.RunRecord, path: Path) -> Optional[dict]:
+    """The record's ``inference`` dict (keys ``INFERENCE_KEYS``), or None: not measured (older record,
+    ``train.inference.measure=false``) or not a dict. Read from the file while RunRecord has no such field."""
+    inference = rec.inference if hasattr(rec, "inference") else rf.read_json(path).get("inference")
+    return inference if isinstance(inference, dict) else None
 
 
 def _apply_protocol(runs: list[Run], protocol: dict) -> list[Run]:
@@ -627,12 +664,43 @@ def _agg(row: str, ds: str, group: list[Run]) -> Agg:
         a.peak_memory_mib = _mean([r.peak_memory_mib for r in done])
         a.wall_s = _mean([r.wall_s for r in done])
         a.tokens_per_s = _mean([r.tokens_per_s for r in done])
+        _agg_inference(a, done)
     elif arm is not None and arm.get("chosen_lr") is None:
         a.status, a.note = NO_LR, str(arm.get("problem") or "")
     else:  # the most telling status among the seeds: failed > interrupted > running > requeued > pending
         a.status = next(st.value for st in (Status.failed, Status.interrupted, Status.running, Status.requeued,
                                             Status.pending) if any(r.status == st for r in group))  # fmt: skip
     return a
+
+
+def _agg_inference(a: Agg, done: list[Run]) -> None:
+    """The cell's inference cost from its completed runs' ``inference`` records (those with a finite
+    ``latency_ms``): latencies (ms per example) and footprints (bytes) are means over runs, the merged latency over
+    the runs that merged; a mismatch or a failed merge in any run is kept (``mismatched``, ``merge_failed``)."""
+    infs = [r.inference for r in done if r.inference and _finite(r.inference.get("latency_ms")) is not None]
+    a.inference_n = len(infs)
+    if not infs:
+        return
+    a.latency_ms = _mean([_finite(i["latency_ms"]) for i in infs])
+    merged = [m for i in infs if i.get("merge") == "merged" and (m := _finite(i.get("merged_latency_ms"))) is not None]
+    a.merged_n, a.merged_latency_ms = len(merged), _mean(merged)
+    counts: dict[str, int] = {}
+    for i in infs:
+        counts[str(i.get("merge") or "?")] = counts.get(str(i.get("merge") or "?"), 0) + 1
+    a.merge = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    a.merge_failed = counts.get("failed", 0)
+    a.merge_error = next((str(i["merge_error"]) for i in infs if i.get("merge") == "failed" and i.get("merge_error")),
+                         None)  # fmt: skip
+    matches = [i["outputs_match"] for i in infs if isinstance(i.get("outputs_match"), bool)]
+    a.mismatched = sum(not m for m in matches)
+    a.outputs_match = all(matches) if matches else None
+    worst = [i for i in infs if i.get("outputs_match") is False] or infs  # a mismatch's diff is the one to show
+    diffs = [(d, _finite(i.get("tolerance"))) for i in worst if (d := _finite(i.get("max_abs_diff"))) is not None]
+    if diffs:
+        a.max_abs_diff, a.tolerance = max(diffs, key=lambda dt: dt[0])
+    a.pred_agreement = _mean([_finite(i.get("pred_agreement")) for i in infs])
+    a.footprint_bytes = _mean([_finite(i.get("footprint_bytes")) for i in infs])
+    a.merged_footprint_bytes = _mean([_finite(i.get("merged_footprint_bytes")) for i in infs])
 
 
 def _compare(ds: str, column: dict[str, Agg], groups: dict) -> None:
@@ -833,6 +901,105 @@ def markdown(rows: list[str], datasets: list[str], cells: dict, title: str = "",
     return "\n".join(lines) + "\n"
 
 
+def _fmt_ms(v: float) -> str:
+    """A latency in ms with about three significant digits: 0.123, 1.23, 12.3, 123."""
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def _fmt_mib(n_bytes: float) -> str:
+    mib = n_bytes / 2**20
+    return f"{mib:.2f}" if mib < 10 else f"{mib:,.0f}"
+
+
+def latency_text(a: Agg) -> str:
+    """An "Inference cost" cell: ``1.23 / 0.98 ms`` (per example, unmerged / merged, means over seeds), ``1.23 ms /
+    n/a`` (nothing to merge) or ``1.23 ms / merge failed``; ``MISMATCH_MARK`` when a run's merged outputs differ
+    from its unmerged ones, ``MERGE_FAILED_MARK`` when a run's merge failed; then the footprint in MiB (unmerged /
+    merged). "–" for a cell without inference data."""
+    if not a.inference_n:
+        return "–"
+    lat = _fmt_ms(a.latency_ms)
+    if a.merged_latency_ms is not None:
+        text = f"{lat} / {_fmt_ms(a.merged_latency_ms)} ms"
+        if a.merged_n < a.inference_n:
+            text += f" (merged in {a.merged_n} of {a.inference_n} runs)"
+    elif a.merge == "not_applicable":
+        text = f"{lat} ms / n/a"
+    elif a.merge == "failed":
+        text = f"{lat} ms / merge failed"
+    else:
+        text = f"{lat} ms / –"
+    marks = (MISMATCH_MARK if a.mismatched else "") + (MERGE_FAILED_MARK if a.merge_failed else "")
+    text += f" {marks}" if marks else ""
+    if a.inference_n < a.n:
+        text += f" ({a.inference_n} of {a.n} runs)"
+    if a.footprint_bytes is not None:
+        merged = f" / {_fmt_mib(a.merged_footprint_bytes)}" if a.merged_footprint_bytes is not None else ""
+        text += f"<br>{_fmt_mib(a.footprint_bytes)}{merged} MiB"
+    return text
+
+
+def _joined(values) -> str:
+    return ", ".join(str(v) for v in sorted(set(values), key=str))
+
+
+def inference_markdown(rows: list[str], datasets: list[str], cells: dict, runs: list[Run]) -> str:
+    """The "Inference cost" section: rows (table order) × datasets, each cell ``latency_text`` (ms per example
+    unmerged / merged; MiB unmerged / merged), then footnotes: marked mismatches and failed merges, cells without
+    data, differing settings or devices. "" when no run recorded its inference cost."""
+    have = {k: a for k, a in cells.items() if a.inference_n}
+    if not have:
+        return ""
+    measured = [r for r in runs if r.in_table and r.status == Status.completed and r.value is not None
+                and r.inference and (r.row, r.dataset) in have]  # fmt: skip
+    settings = [(i.get("examples"), i.get("batch_size"), i.get("repeats")) for i in (r.inference for r in measured)]
+    examples, batch, repeats = (_joined(v) for v in zip(*settings))
+    lines = [
+        "## Inference cost",
+        "",
+        f"Measured at the end of each run on the first {examples} test examples (batch size {batch}; the median of "
+        f"{repeats} timed passes after a warm-up batch). Each cell: the evaluation forward's latency per example in "
+        "ms, unmerged (the adapter as trained) / merged (after PEFT's merge_and_unload), mean over seeds; n/a: "
+        "nothing to merge (full fine-tuning, a trained head). Then the model's parameters and buffers in MiB, "
+        f"unmerged / merged. {MISMATCH_MARK}: the merged outputs differ from the unmerged ones; "
+        f"{MERGE_FAILED_MARK}: the merge failed (below). Plot: latency.png.",
+        "",
+    ]
+    cols = [ds for ds in datasets if any(d == ds for _, d in have)]
+    body = [[row] + [latency_text(cells[(row, ds)]) if (row, ds) in cells else "–" for ds in cols]
+            for row in rows if any((row, ds) in have for ds in cols)]  # fmt: skip
+    lines += _md_table(["method"] + [f"{ds} (ms per example; MiB)" for ds in cols], body)
+    notes = []
+    for (row, ds), a in have.items():
+        if a.mismatched:
+            diff = "" if a.max_abs_diff is None else f" by up to {a.max_abs_diff:.3g}"
+            tol = "" if a.tolerance is None else f" (tolerance {a.tolerance:.3g})"
+            agree = (
+                "" if a.pred_agreement is None else f"; predictions agree on {100 * a.pred_agreement:.1f} % of examples"
+            )
+            notes.append(f"{MISMATCH_MARK} {row} × {ds}: the merged model's outputs differ from the unmerged ones{diff}"
+                         f"{tol}: the merged numbers are not those of the trained adapter ({a.mismatched} of "
+                         f"{a.inference_n} runs{agree}).")  # fmt: skip
+        if a.merge_failed:
+            notes.append(f"{MERGE_FAILED_MARK} {row} × {ds}: merge_and_unload failed ({a.merge_error or 'no error recorded'}): "
+                         f"no merged latency ({a.merge_failed} of {a.inference_n} runs).")  # fmt: skip
+    missing = [f"{a.row} × {a.dataset}" + (f" ({a.n - a.inference_n} of {a.n} runs)" if a.inference_n else "")
+               for a in cells.values() if a.n > a.inference_n]  # fmt: skip
+    if missing:
+        notes.append("No inference cost recorded (runs of an older peft_lab, or train.inference.measure=false): "
+                     f"{'; '.join(missing)}.")  # fmt: skip
+    if len(set(settings)) > 1:
+        notes.append("⚠ The runs measured with different settings (examples, batch size, repeats: "
+                     f"{_joined(settings)}): their latencies are not directly comparable.")  # fmt: skip
+    kinds = sorted({str(r.device).split(":")[0] for r in measured if r.device})
+    if len(kinds) > 1:
+        notes.append(f"⚠ Latencies were measured on different devices ({', '.join(kinds)}): a difference between "
+                     "them compares devices, not methods.")  # fmt: skip
+    for note in notes:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
 def _stage1_points(arm: dict, by_dir: dict[str, Run]) -> list[tuple[float, Optional[float], str]]:
     """(lr, selection metric or None, status) for each stage-1 entry of ``arm``, sorted by lr. A value
     missing from protocol.json is taken from the run's record; a failed run is ``diverged`` or ``failed``."""
@@ -919,6 +1086,17 @@ CSV_FIELDS = (
     "peak_memory_mib",
     "wall_s",
     "tokens_per_s",
+    # inference cost (``_agg_inference``): ms per example, bytes
+    "inference_n",
+    "latency_ms",
+    "merged_latency_ms",
+    "merge",
+    "outputs_match",
+    "max_abs_diff",
+    "tolerance",
+    "pred_agreement",
+    "footprint_bytes",
+    "merged_footprint_bytes",
 )
 
 
@@ -940,14 +1118,18 @@ def table_csv(rows: list[str], datasets: list[str], cells: dict) -> str:
 
 
 def runs_csv(runs: list[Run]) -> str:
+    """One row per run; its ``inference`` record flattened as ``inference.<key>`` (``INFERENCE_KEYS``; empty when
+    not measured)."""
     buf = io.StringIO()
     cols = ["row", "method", "dataset", "model", "seed", "status", "stage", "lr", "metric", "value", "select_value",
             "trainable_pct", "trainable_params", "saved_weights", "peak_memory_mib", "wall_s", "tokens_per_s",
             "run_dir", "error", "outputs_note"]  # fmt: skip
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=cols + [f"inference.{k}" for k in INFERENCE_KEYS], extrasaction="ignore")
     w.writeheader()
     for r in runs:
-        w.writerow({c: getattr(getattr(r, c), "value", getattr(r, c)) for c in cols})
+        row = {c: getattr(getattr(r, c), "value", getattr(r, c)) for c in cols}
+        row.update({f"inference.{k}": _csv_value(r.inference.get(k)) for k in INFERENCE_KEYS} if r.inference else {})
+        w.writerow(row)
     return buf.getvalue()
 
 
@@ -1285,6 +1467,47 @@ def protocol_figures(protocol: dict, runs: list[Run]) -> dict:
     return {"select_lr": fig}
 
 
+def inference_figures(rows: list[str], datasets: list[str], cells: dict) -> dict:
+    """``latency`` (``INFERENCE_PLOTS``): per dataset with inference data, grouped bars per method (table order):
+    unmerged and merged latency per example (ms, means over seeds; ``_agg_inference``). A merged bar is hatched
+    when a run's merged outputs differ from its unmerged ones; a method without one says "n/a" (nothing to merge)
+    or "merge failed". {} when no cell has inference data."""
+    have = {k: a for k, a in cells.items() if a.inference_n}
+    if not have:
+        return {}
+    cols = [ds for ds in datasets if any(d == ds for _, d in have)]
+    hatched = any(a.mismatched and a.merged_latency_ms is not None for a in have.values())
+    title = "Inference latency per example (mean over seeds; merged: after merge_and_unload)" + (
+        "\n(hatched: merged outputs differ from unmerged ones)" if hatched else "")  # fmt: skip
+    fig, axes = _axes_per_dataset(cols, title)
+    width = 0.4
+    for ax, ds in zip(axes, cols):
+        present = [have[(r, ds)] for r in rows if (r, ds) in have]
+        xs = np.arange(len(present), dtype=float)
+        ax.bar(xs - width / 2, [a.latency_ms for a in present], width, label="unmerged")
+        merged = [(x, a) for x, a in zip(xs, present) if a.merged_latency_ms is not None]
+        if merged:
+            bars = ax.bar([x + width / 2 for x, _ in merged], [a.merged_latency_ms for _, a in merged], width,
+                          label="merged")  # fmt: skip
+            for bar, (_, a) in zip(bars, merged):
+                if a.mismatched:
+                    bar.set_hatch("//")
+        for x, a in zip(xs, present):
+            if a.merged_latency_ms is None:
+                why = "n/a" if a.merge == "not_applicable" else "merge failed" if a.merge_failed else "–"
+                ax.text(x + width / 2, 0, why, rotation=90, ha="center", va="bottom", fontsize="small")
+        ax.set_xticks(xs, [a.row for a in present], rotation=30, ha="right")
+        ax.set_xlim(-0.75, len(present) - 0.25)  # one method: two bars of the usual width, "n/a" inside the axes
+        top = max(max(a.latency_ms, a.merged_latency_ms or 0) for a in present)
+        ax.set_ylim(0, 1.3 * top if top > 0 else 1)  # room for the legend above the bars
+        ax.set_title(ds)
+        ax.set_xlabel("method")
+        ax.set_ylabel("latency per example (ms)")
+        ax.legend(fontsize="small", loc="upper left", ncols=2)
+    fig.tight_layout()
+    return {"latency": fig}
+
+
 def _plot_point(p: SparsityPoint, y_of) -> Optional[tuple[float, float, float]]:
     """(mean x, mean y, sample std of y; nan for one run) over the point's runs that recorded a sparsity and y."""
     pairs = [(x, y) for r in p.runs if (x := run_sparsity(r)) is not None and (y := y_of(r)) is not None]
@@ -1374,7 +1597,8 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
 
     Returns {"markdown", "csv", "runs_csv", <plot name>: path, ...}: the ``PLOTS`` always, the
     ``PROTOCOL_PLOTS`` only for a protocol sweep, the ``SPARSITY_PLOTS`` only for a sweep with sparse /
-    sparselora runs (and "wandb_run_id" when logged)."""
+    sparselora runs, the ``INFERENCE_PLOTS`` only when a run recorded its inference cost (and "wandb_run_id" when
+    logged)."""
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir)
     if not runs:
@@ -1392,6 +1616,9 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
                   setup=setup_line(runs))  # fmt: skip
     if protocol:
         md += "\n" + stage1_markdown(protocol, runs)
+    inference = inference_markdown(rows, datasets, cells, runs)
+    if inference:
+        md += "\n" + inference
     study = sparsity_study(runs)
     if study:
         md += "\n" + sparsity_markdown(study)
@@ -1405,6 +1632,7 @@ def build(sweep_dir: Path, logger: Optional[dict] = None, out_dir: Optional[Path
         figs.update(protocol_figures(protocol, runs))
     if study:
         figs.update(sparsity_figures(study))
+    figs.update(inference_figures(rows, datasets, cells))
     for name, fig in figs.items():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
