@@ -326,7 +326,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
     # --- start-up checks: no heavy imports yet
     data_mod.check_config(ds)
     models.check_config(mc)
-    check_device_name(str(cfg.train.device))
+    check_train_config(cfg.train)
     task = models.resolve_task(mc, plain(ds.task))
     method = get_method_class(cfg.method.name)(cfg.method, mc, task)
     method.validate()
@@ -477,6 +477,15 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
         record.adapter_dir, record.adapter_bytes = str(adapter_dir), metrics.dir_size(adapter_dir)
         if cfg.logger.get("log_artifacts"):
             tracker.log_adapter(adapter_dir, f"adapter-{name}")
+    if cfg.train.inference.measure and world.main:  # last: merging folds the adapter into the model in place
+        from peft_lab import inference
+
+        record.inference = inference.measure(model, test_ex[: int(cfg.train.inference.examples)], task,
+                                             loaded.tokenizer, int(cfg.train.eval_batch_size), device, prec.autocast,
+                                             method, int(cfg.train.inference.repeats), record.compute_dtype)  # fmt: skip
+        log.info(
+            f"inference cost on {record.inference['examples']} test examples: {inference.summary(record.inference)}"
+        )
     record.end(rf.Status.completed)
     record.run_wall_s = time.perf_counter() - t0
     save()
@@ -544,6 +553,29 @@ def main_metric_name(ds: Any, task: str) -> str:
     if task == "classification":
         return str(ds.metrics[0]) if ds.metrics else "accuracy"
     return "perplexity" if task == "causal_lm" else "mlm_perplexity"
+
+
+def check_train_config(tc: Any) -> None:
+    """Start-up checks of ``train.*`` values that their types allow but no run can use (a batch of 0 rows,
+    0 timed passes, ...). Raises UserError naming the key and a value that works."""
+    import math
+
+    def need(ok: bool, key: str, what: str, example: str) -> None:
+        if not ok:
+            raise fail(f"train.{key}={OmegaConf.select(tc, key)} {what}", f"give e.g. train.{key}={example}")
+
+    for key in ("batch_size", "eval_batch_size", "grad_accum"):
+        need(int(tc[key]) >= 1, key, "is not a number of rows (>= 1)", "8" if key != "grad_accum" else "1")
+    need(int(tc.max_steps) > 0 or float(tc.epochs) > 0, "epochs", "with train.max_steps <= 0 trains nothing", "1")
+    need(0.0 <= float(tc.warmup_ratio) < 1.0, "warmup_ratio", "is outside [0, 1)", "0.06")
+    for key in ("eval_every", "checkpoint_every", "threads", "num_workers", "weight_decay"):
+        need(float(tc[key]) >= 0, key, "is negative", "0")
+    need(int(tc.log_every) >= 1, "log_every", "is not a number of steps (>= 1)", "10")
+    need(math.isfinite(float(tc.max_grad_norm)), "max_grad_norm", "is not a finite number", "1.0")
+    if tc.inference.measure:
+        need(int(tc.inference.examples) >= 1, "inference.examples", "is not a number of examples (>= 1)", "64")
+        need(int(tc.inference.repeats) >= 1, "inference.repeats", "is not a number of timed passes (>= 1)", "3")
+    check_device_name(str(tc.device))
 
 
 def check_device_name(requested: str) -> None:

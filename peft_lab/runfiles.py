@@ -273,6 +273,9 @@ class RunRecord:
     peak_memory_kind: Optional[str] = None
     adapter_dir: Optional[str] = None
     adapter_bytes: Optional[int] = None
+    inference: Optional[dict] = (
+        None  # inference cost (peft_lab.inference.measure): latency unmerged / merged, footprints
+    )
     run_wall_s: Optional[float] = None
     versions: dict = field(default_factory=dict)
     git_commit: Optional[str] = None

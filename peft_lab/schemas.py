@@ -175,6 +175,16 @@ class Scheduler(Choice):
 
 
 @dataclass
+class InferenceConfig:
+    """``train.inference.*``: the inference cost measured at the end of every run (``peft_lab.inference``):
+    latency per example unmerged and after ``merge_and_unload``, merged == unmerged outputs, footprints."""
+
+    measure: bool = True
+    examples: int = 64  # the first N examples of the test split (all of them if fewer)
+    repeats: int = 3  # timed passes per model after one warm-up batch; the median is reported
+
+
+@dataclass
 class TrainConfig:
     """The training loop (``train.*``): batches, steps, schedule, evaluation, checkpoints, precision."""
 
@@ -199,6 +209,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model's forward for training
     num_workers: int = 0
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 class LoggerBackend(Choice):
