@@ -448,7 +448,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 run_dir=path.parent.name,
                 error=error,
                 config=rec.config,
-                inference=_inference_of(rec, path),
+                inference=_inference_of(rec),
             )
         )
     for c in rf.read_manifest(sweep_dir).get("cells", []):
@@ -482,11 +482,10 @@ def load_runs(sweep_dir: Path) -> list[Run]:
     return runs
 
 
-def _inference_of(rec: rf.RunRecord, path: Path) -> Optional[dict]:
+def _inference_of(rec: rf.RunRecord) -> Optional[dict]:
     """The record's ``inference`` dict (keys ``INFERENCE_KEYS``), or None: not measured (older record,
-    ``train.inference.measure=false``) or not a dict. Read from the file while RunRecord has no such field."""
-    inference = rec.inference if hasattr(rec, "inference") else rf.read_json(path).get("inference")
-    return inference if isinstance(inference, dict) else None
+    ``train.inference.measure=false``) or not a dict."""
+    return rec.inference if isinstance(rec.inference, dict) else None
 
 
 def _apply_protocol(runs: list[Run], protocol: dict) -> list[Run]:
