@@ -163,3 +163,34 @@ def train_loop(model, method, cfg, tok, task, examples, run_dir, on_log=None):
         on_log=on_log or (lambda *a: None),
         on_eval=lambda s: None,
     )
+
+
+def check_merge(model, method, examples, task, tok, trained_out, probe, expect_match: bool = True) -> dict:
+    """Merge a trained model as a run's inference-cost step does (``peft_lab.inference.measure``) and check what it
+    reports against an independent forward of the merged model: PEFT's adapter layers gone, outputs equal the
+    trained (unmerged) ones on ``probe`` (within 1e-5) exactly when ``expect_match``, merged footprint below the
+    unmerged one. A model without an adapter (full, head) must report ``not_applicable``. Returns the record."""
+    import contextlib
+
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from peft_lab import inference
+
+    res = inference.measure(model, examples[:8], task, tok, 4, "cpu", contextlib.nullcontext, method, 1, "float32")
+    assert res["examples"] == len(examples[:8]) and res["latency_ms"] > 0
+    if not hasattr(model, "merge_and_unload"):
+        assert res["merge"] == "not_applicable" and res["merged_latency_ms"] is None
+        return res
+    assert res["merge"] == "merged", res
+    merged = model.get_base_model()
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules()), "adapter layers left after the merge"
+    model.eval()
+    if method is not None:
+        method.before_forward(probe, 0, 1, training=False)
+    with torch.no_grad():
+        merged_out = merged(**{k: v for k, v in probe.items() if k != "labels"}).logits
+    assert torch.allclose(merged_out, trained_out, atol=1e-5) is expect_match, (merged_out - trained_out).abs().max()
+    assert res["outputs_match"] is expect_match, res
+    assert res["merged_latency_ms"] > 0 and res["merged_footprint_bytes"] < res["footprint_bytes"]
+    return res

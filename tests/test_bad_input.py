@@ -98,6 +98,18 @@ def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
         return [f"dataset.data_dir={sst2_dir}", "train.device=gpu"], "train.device=gpu is not a device"
     if name == "hub_offline_no_local_copy":
         return [], "Hugging Face Hub is unreachable"
+    if name == "batch_size_zero":
+        return [f"dataset.data_dir={sst2_dir}", "train.batch_size=0"], "train.batch_size=0 is not a number of rows"
+    if name == "grad_accum_negative":
+        return [f"dataset.data_dir={sst2_dir}", "train.grad_accum=-1"], "train.grad_accum=-1"
+    if name == "nothing_to_train":
+        return [f"dataset.data_dir={sst2_dir}", "train.max_steps=-1", "train.epochs=0"], "trains nothing"
+    if name == "warmup_ratio_one":
+        return [f"dataset.data_dir={sst2_dir}", "train.warmup_ratio=1.5"], "train.warmup_ratio=1.5 is outside"
+    if name == "inference_examples_zero":
+        return [f"dataset.data_dir={sst2_dir}", "train.inference.examples=0"], "train.inference.examples=0"
+    if name == "inference_repeats_zero":
+        return [f"dataset.data_dir={sst2_dir}", "train.inference.repeats=0"], "train.inference.repeats=0"
     raise KeyError(name)
 
 
@@ -121,6 +133,12 @@ DATA_CASES = [
     "model_offline_not_cached",
     "sparselora_on_an_encoder",
     "device_not_a_device",
+    "batch_size_zero",
+    "grad_accum_negative",
+    "nothing_to_train",
+    "warmup_ratio_one",
+    "inference_examples_zero",
+    "inference_repeats_zero",
 ]
 
 

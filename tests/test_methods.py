@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, train_loop
+from conftest import build_model, check_merge, train_loop
 
 from peft_lab import data, models, training
 from peft_lab.methods import generic_names, names
@@ -108,6 +108,9 @@ def test_method_contract(method_name, task, compose, tmp_path):
     fresh, _, _ = build_model(cfg)
     reloaded = method.load_adapter(fresh.model, tmp_path / "adapter")
     assert torch.allclose(_outputs(reloaded, None, probe), trained_out, atol=1e-5)
+
+    # 5. merging (the inference-cost step): same outputs, except 4-bit weights, which the merge re-quantises
+    check_merge(model, method, examples, task_, tok, trained_out, probe, expect_match=method_name != "qlora")
 
 
 def _head_param_names(model, cfg):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, train_loop
+from conftest import build_model, check_merge, train_loop
 
 from peft_lab import data, models, training
 from peft_lab.errors import UserError
@@ -137,6 +137,9 @@ def test_generic_method_contract(name, dataset, compose, tmp_path):
     fresh, fresh_method, _ = build_model(cfg)
     reloaded = fresh_method.load_adapter(fresh.model, tmp_path / "adapter")
     assert torch.allclose(_outputs(reloaded, probe), trained_out, atol=1e-5)
+
+    # 5. merging (the inference-cost step) keeps the outputs
+    check_merge(model, method, examples, task, tok, trained_out, probe)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
