@@ -564,8 +564,9 @@ def check_train_config(tc: Any) -> None:
         if not ok:
             raise fail(f"train.{key}={OmegaConf.select(tc, key)} {what}", f"give e.g. train.{key}={example}")
 
-    for key in ("batch_size", "eval_batch_size", "grad_accum"):
-        need(int(tc[key]) >= 1, key, "is not a number of rows (>= 1)", "8" if key != "grad_accum" else "1")
+    for key in ("batch_size", "eval_batch_size"):
+        need(int(tc[key]) >= 1, key, "is not a number of rows (>= 1)", "8")
+    need(int(tc.grad_accum) >= 1, "grad_accum", "is not a number of micro-batches per step (>= 1)", "1")
     need(int(tc.max_steps) > 0 or float(tc.epochs) > 0, "epochs", "with train.max_steps <= 0 trains nothing", "1")
     need(0.0 <= float(tc.warmup_ratio) < 1.0, "warmup_ratio", "is outside [0, 1)", "0.06")
     for key in ("eval_every", "checkpoint_every", "threads", "num_workers", "weight_decay"):
