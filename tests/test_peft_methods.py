@@ -1,7 +1,8 @@
 """The generic PEFT methods (``peft_lab/methods/generic.py``, one ``conf/method/<name>.yaml`` each).
 
-Every shipped one goes through the method contract on the tiny decoder (trainable set, zero change at
-init, loss falls, save/load reproduces the outputs), and through one in-process smoke run; then the
+Every shipped one goes through the method contract on the tiny decoder (classification and causal LM) and the
+tiny encoder (classification): trainable set, zero change at init, loss falls, save/load reproduces the outputs,
+merging keeps them; and through one in-process smoke run; then the
 checks of the generic machinery: AdaLoRA's per-step schedule, 4-bit bases, and the start-up errors.
 """
 
@@ -97,11 +98,18 @@ def test_every_shipped_method_is_registered_and_composes(compose):
 # ----------------------------------------------------------------------------- the contract
 
 
-@pytest.mark.parametrize("dataset", ["sst2", "wikitext2"])
+# the tiny encoder (DistilBERT) on classification: PEFT has no IA3 default targets for it (see below)
+ENCODER = ["model=tiny-distilbert"]
+ENCODER_EXTRA = {"ia3": ["method.target_modules=[k_lin,v_lin,lin2]", "+method.config.feedforward_modules=[lin2]"]}
+
+
+@pytest.mark.parametrize("dataset,model", [("sst2", []), ("wikitext2", []), ("sst2", ENCODER)],
+                         ids=["decoder-sst2", "decoder-wikitext2", "encoder-sst2"])  # fmt: skip
 @pytest.mark.parametrize("name", SHIPPED)
-def test_generic_method_contract(name, dataset, compose, tmp_path):
+def test_generic_method_contract(name, dataset, model, compose, tmp_path):
     lr = CONTRACT_LR.get(name, 1e-2)
-    cfg = _cfg(compose, name, dataset, f"method.lr={lr}", "train.log_every=1", "train.warmup_ratio=0")
+    extra = [*model, *(ENCODER_EXTRA.get(name, []) if model else [])]
+    cfg = _cfg(compose, name, dataset, f"method.lr={lr}", "train.log_every=1", "train.warmup_ratio=0", *extra)
     loaded, method, task = build_model(cfg)
     tok = loaded.tokenizer
     examples = _examples(cfg, tok, 64)
