@@ -324,6 +324,7 @@ def _pipeline(cfg: DictConfig, ctx: RunContext, record: rf.RunRecord, box: dict,
             record.save(run_dir)
 
     # --- start-up checks: no heavy imports yet
+    check_known_keys(cfg)
     data_mod.check_config(ds)
     models.check_config(mc)
     check_train_config(cfg.train)
@@ -553,6 +554,21 @@ def main_metric_name(ds: Any, task: str) -> str:
     if task == "classification":
         return str(ds.metrics[0]) if ds.metrics else "accuracy"
     return "perplexity" if task == "causal_lm" else "mlm_perplexity"
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """A key the schema does not have (added with ``+`` on the command line, e.g. ``+method.quantize=nf4`` on
+    method=lora) would be stored in the run's config and read by nothing: refused. Raises UserError."""
+    from peft_lab.schemas import unknown_keys
+
+    extra = unknown_keys(cfg)
+    if extra:
+        raise fail(
+            f"{', '.join(extra)}: not a key of this config (method={cfg.method.name}); nothing would read "
+            f"{'it' if len(extra) == 1 else 'them'}",
+            "drop the override, or check the key's name and group in README 'Config groups' / 'Methods' "
+            "(a generic PEFT method takes its PEFT arguments as method.config.<name>)",
+        )
 
 
 def check_train_config(tc: Any) -> None:

@@ -279,3 +279,34 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     experiment_name: str = "default"
+
+
+def unknown_keys(cfg: Any) -> list[str]:
+    """Dotted keys of ``cfg`` that its schema does not have: a key added on the command line with ``+``
+    (Hydra's append bypasses the schema's struct flag), which no code would read. Open mappings
+    (``Dict[str, Any]`` fields such as a generic method's ``config``) are not checked here; Hydra's own
+    node is skipped."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+            return
+        kind = OmegaConf.get_type(node)
+        fields = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else None
+        for key in node.keys():
+            name = f"{path}{key}"
+            if name == "hydra":
+                continue
+            if fields is not None and key not in fields:
+                found.append(name)
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, f"{name}.")
+
+    walk(cfg, "")
+    return found

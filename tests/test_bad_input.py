@@ -98,6 +98,10 @@ def _data_case(name: str, tmp: Path, sst2_dir: Path) -> tuple[list[str], str]:
         return [f"dataset.data_dir={sst2_dir}", "train.device=gpu"], "train.device=gpu is not a device"
     if name == "hub_offline_no_local_copy":
         return [], "Hugging Face Hub is unreachable"
+    if name == "plus_key_nothing_reads":  # Hydra's + bypasses the schema: stored, read by nothing
+        return [f"dataset.data_dir={sst2_dir}", "+method.quantize=nf4", "+train.inference.foo=1"], (
+            "method.quantize, train.inference.foo: not a key of this config (method=lora)"
+        )
     if name == "batch_size_zero":
         return [f"dataset.data_dir={sst2_dir}", "train.batch_size=0"], "train.batch_size=0 is not a number of rows"
     if name == "grad_accum_negative":
@@ -133,6 +137,7 @@ DATA_CASES = [
     "model_offline_not_cached",
     "sparselora_on_an_encoder",
     "device_not_a_device",
+    "plus_key_nothing_reads",
     "batch_size_zero",
     "grad_accum_negative",
     "nothing_to_train",

@@ -411,7 +411,7 @@ def _cannot_apply_fix(method: Method, err: Exception) -> str:
     text = str(err)
     if "target_modules" in text or "feedforward_modules" in text:
         return (
-            "name the layers: method.target_modules=[...] (and, for IA3, method.config.feedforward_modules=[...], "
+            "name the layers: method.target_modules=[...] (and, for IA3, +method.config.feedforward_modules=[...], "
             "a subset of them)"
         )
     if method.cfg.quantize is not None:
